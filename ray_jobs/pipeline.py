@@ -1,0 +1,47 @@
+"""All steps: prepare -> train -> export (merge) -> evaluate. The main job of `make run`.
+
+    python -m ray_jobs.pipeline [--config run.yaml] [--key value ...]
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from textclf.config import parse_args
+
+from .common import setup_logging, start_run
+from .evaluate import evaluate
+from .export import export
+from .prepare import exit_on_data_error, prepare
+from .train import train
+
+
+@exit_on_data_error
+def main(argv=None) -> None:
+    setup_logging()
+    cfg = parse_args(argv, description=__doc__)
+    run_dir = start_run(cfg)
+    timings = {}
+    t0 = time.time()
+    prepared = prepare(cfg, run_dir)
+    timings["prepare_s"] = time.time() - t0
+    t = time.time()
+    train(cfg, run_dir, prepared)
+    timings["train_s"] = time.time() - t
+    t = time.time()
+    export(cfg, run_dir)
+    timings["export_s"] = time.time() - t
+    t = time.time()
+    metrics = evaluate(cfg, run_dir)
+    timings["evaluate_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    summary = {k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "n", "prompts_per_second")}
+    summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nrun {cfg.run.name}: {run_dir}")
+    print(json.dumps(summary["timings"]))
+    print(f"macro_f1={metrics['macro_f1']:.4f} weighted_f1={metrics['weighted_f1']:.4f} accuracy={metrics['accuracy']:.4f} n={metrics['n']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Step 1: read and validate the data, split it, and tokenize it with Ray Data.
+
+    python -m ray_jobs.prepare [--config run.yaml] [--key value ...]
+
+Writes <run>/data/{train,validation,test}.jsonl (the exact splits later steps use) and <run>/data_report.json
+(counts, warnings, token lengths, rows cut at max_length). Bad data exits with status 2 before anything trains.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textclf.config import Config, parse_args
+from textclf.data import DataValidationError, Example, Splits, read_jsonl
+from textclf.models import resolve_model
+from textclf.prompts import PromptFormat, format_from_config
+from textclf.sources import load_splits
+
+from .common import init_ray, setup_logging, start_run
+
+log = logging.getLogger("ray_jobs.prepare")
+SPLITS = ("train", "validation", "test")
+
+
+class Tokenize:
+    """Ray Data stage: prompt + completion tokens through the shared PromptFormat."""
+
+    def __init__(self, model: str, cache_dir: str | None, fmt: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, cache_dir))
+        self.fmt = PromptFormat.from_dict(fmt)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        enc = [self.fmt.encode(self.tokenizer, t, l) for t, l in zip(batch["text"], batch["label"])]
+        return {
+            "label": batch["label"],
+            "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e in enc],
+            "completion_mask": [np.asarray(e.completion_mask, dtype=np.int8) for e in enc],
+            "n_tokens": np.asarray([len(e.input_ids) for e in enc]),
+            "truncated": np.asarray([e.truncated for e in enc]),
+        }
+
+
+@dataclass
+class Prepared:
+    splits: Splits
+    fmt: PromptFormat
+    datasets: dict[str, Any]  # tokenized, materialized Ray datasets: train and validation
+    report: dict[str, Any]
+
+
+def tokenize(examples: list[Example], cfg: Config, fmt: PromptFormat):
+    import ray
+
+    ds = ray.data.from_items([{"text": e.text, "label": e.label} for e in examples])
+    # Fractional CPUs and materialize(): on a 2-CPU node a lazy stage that needs a whole CPU while the training
+    # workers hold both would wait forever.
+    return ds.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={"model": cfg.model.model, "cache_dir": cfg.model.model_cache_dir, "fmt": fmt.to_dict()},
+        batch_size=256,
+        concurrency=1,
+        num_cpus=0.5,
+    ).materialize()
+
+
+def length_stats(ds) -> dict[str, Any]:
+    cols = ds.select_columns(["n_tokens", "truncated"]).to_pandas()
+    n = cols["n_tokens"].to_numpy()
+    return {
+        "rows": int(len(n)),
+        "tokens_min": int(n.min()),
+        "tokens_mean": round(float(n.mean()), 1),
+        "tokens_p95": int(np.percentile(n, 95)),
+        "tokens_max": int(n.max()),
+        "truncated_rows": int(cols["truncated"].sum()),
+    }
+
+
+def write_splits(splits: Splits, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name in SPLITS:
+        with (data_dir / f"{name}.jsonl").open("w") as f:
+            for ex in getattr(splits, name):
+                f.write(json.dumps({"text": ex.text, "label": ex.label, "source": ex.source}) + "\n")
+
+
+def read_split(run_dir: Path, name: str) -> list[Example]:
+    return read_jsonl(str(run_dir / "data" / f"{name}.jsonl"))
+
+
+def prepare(cfg: Config, run_dir: Path) -> Prepared:
+    splits = load_splits(cfg.data)  # raises DataValidationError before Ray does anything
+    for w in splits.warnings:
+        log.warning("data: %s", w)
+    resolve_model(cfg.model.model, cfg.model.model_cache_dir)  # convert the bundled model once, up front
+    fmt = format_from_config(cfg.model, splits.labels)
+    write_splits(splits, run_dir / "data")
+    init_ray(cfg)
+    datasets = {name: tokenize(getattr(splits, name), cfg, fmt) for name in ("train", "validation")}
+    report = {
+        "labels": splits.labels,
+        "counts": {
+            name: {label: sum(ex.label == label for ex in getattr(splits, name)) for label in splits.labels}
+            for name in SPLITS
+        },
+        "warnings": splits.warnings,
+        "tokens": {name: length_stats(ds) for name, ds in datasets.items()},
+        "max_length": cfg.model.max_length,
+    }
+    for name, st in report["tokens"].items():
+        log.info("%s: %d rows, tokens mean %.1f, p95 %d, max %d; %d cut at max_length %d", name, st["rows"],
+                 st["tokens_mean"], st["tokens_p95"], st["tokens_max"], st["truncated_rows"], cfg.model.max_length)
+    (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+    return Prepared(splits=splits, fmt=fmt, datasets=datasets, report=report)
+
+
+def exit_on_data_error(fn):
+    """Bad data: every problem on stderr, exit status 2, nothing trained."""
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DataValidationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    return wrapper
+
+
+@exit_on_data_error
+def main(argv=None) -> None:
+    setup_logging()
+    cfg = parse_args(argv, description=__doc__)
+    run_dir = start_run(cfg)
+    prepared = prepare(cfg, run_dir)
+    print(f"prepared {run_dir}: " + ", ".join(f"{k} {len(getattr(prepared.splits, k))}" for k in SPLITS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Step 2: LoRA SFT on Ray Train: N workers, each running TRL's SFTTrainer (DDP: gloo on CPUs, NCCL on GPUs).
+
+    python -m ray_jobs.train [--config run.yaml] [--num-workers 4 --use-gpu true ...]
+
+Runs prepare first, then trains; checkpoints go through Ray Train (the best by eval loss kept, plus the latest),
+a rerun with the same --name resumes from the latest, and the best adapter is exported to <run>/adapter/.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from textclf import tracking
+from textclf.config import Config, parse_args
+from textclf.export import save_adapter
+
+from .common import init_ray, setup_logging, start_run
+from .prepare import Prepared, exit_on_data_error, prepare
+
+log = logging.getLogger("ray_jobs.train")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs in each Ray Train worker."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from textclf.models import resolve_model
+    from textclf.training import build_trainer
+
+    cfg = Config.from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    os.environ.update(config.get("env", {}))
+    # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
+    train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
+    eval_rows = list(ray.train.get_dataset_shard("validation").iter_rows())
+    output_dir = Path(tempfile.gettempdir()) / f"textclf-{cfg.run.name}-rank{ctx.get_world_rank()}"
+    trainer = build_trainer(
+        cfg,
+        resolve_model(cfg.model.model, cfg.model.model_cache_dir),
+        train_rows,
+        eval_rows,
+        str(output_dir),
+        use_gpu=cfg.train.use_gpu,
+        callbacks=[RayTrainReportCallback()],
+        report_to=["mlflow"] if config.get("env") else [],
+    )
+    trainer = prepare_trainer(trainer)
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            log.info("resuming from %s", d)
+            trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
+    else:
+        trainer.train()
+
+
+def storage_path(cfg: Config, run_dir: Path) -> str:
+    return cfg.run.storage_path or str(run_dir)
+
+
+def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    uri = tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir)
+    env: dict[str, str] = {}
+    try:
+        run_id = tracking.start_run(uri, cfg.run.experiment, cfg.run.name, cfg.to_dict(), run_dir)
+        env = tracking.worker_env(uri, cfg.run.experiment, run_id)
+        log.info("MLflow run %s at %s", run_id, uri)
+    except Exception as e:  # tracking must not cost a training run
+        log.warning("MLflow tracking off: %s", e)
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "env": env},
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+        ),
+        datasets=prepared.datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=storage_path(cfg, run_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=t.checkpoints_to_keep, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if "eval_loss" in m]
+    if not scored:
+        raise RuntimeError("training reported no checkpoint with an eval loss (is save_steps <= the run's steps?)")
+    best, metrics = min(scored, key=lambda cm: cm[1]["eval_loss"])
+    log.info("best checkpoint %s: step %s, eval_loss %.4f", best.path, metrics.get("step"), metrics["eval_loss"])
+    with best.as_directory() as d:
+        adapter = save_adapter(
+            Path(d) / "checkpoint",
+            run_dir / "adapter",
+            base_model=cfg.model.model,
+            fmt=prepared.fmt,
+            extra={
+                "eval_loss": metrics["eval_loss"],
+                "step": metrics.get("step"),
+                "label_field": cfg.data.label_field,
+                "run": cfg.run.name,
+            },
+        )
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if env:
+        tracking.log_metrics(uri, run_dir, {"best_eval_loss": metrics["eval_loss"]})
+    log.info("adapter saved to %s (final metrics %s)", adapter, {k: final[k] for k in list(final)[:8]})
+    return adapter
+
+
+@exit_on_data_error
+def main(argv=None) -> None:
+    setup_logging()
+    cfg = parse_args(argv, description=__doc__)
+    run_dir = start_run(cfg)
+    adapter = train(cfg, run_dir, prepare(cfg, run_dir))
+    print(f"adapter: {adapter}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The real stack end to end on a small subset: local Ray, Ray Data, 2 Ray Train workers running TRL SFTTrainer
+with LoRA on SmolLM2-135M, the merge, and a vLLM CPU engine evaluating over Ray Data. One pipeline run is shared
+by the tests below; the resume test then continues that run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+SMALL = [
+    "--max-train-examples", "40", "--max-eval-examples", "30",
+    "--num-workers", "2", "--per-device-batch-size", "2", "--max-steps", "4",
+    "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
+    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
+]
+
+
+def run_step(step, *args, timeout=900):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"ray_jobs.{step}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = run_step("pipeline", "--runs-dir", str(runs), "--name", "e2e", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    return runs, runs / "e2e", proc.stdout + proc.stderr
+
+
+def test_pipeline_prints_macro_f1_and_writes_report(pipeline_run):
+    runs, run, out = pipeline_run
+    assert "macro_f1=" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("macro_f1", "weighted_f1", "accuracy", "n", "per_class", "confusion_matrix", "prompts_per_second"):
+        assert key in metrics
+    labels = json.loads((run / "data_report.json").read_text())["labels"]
+    assert len(labels) == 10 and set(metrics["per_class"]) == set(labels)
+    assert 0.0 <= metrics["macro_f1"] <= 1.0
+    assert sum(c["support"] for c in metrics["per_class"].values()) == metrics["n"]
+    assert "Confusion matrix" in (run / "report.md").read_text()
+    assert (run / "confusion_matrix.png").stat().st_size > 1000
+    assert (run / "config.yaml").exists() and (run / "summary.json").exists()
+
+
+def test_predictions_are_labels_with_probabilities(pipeline_run):
+    _, run, _ = pipeline_run
+    labels = set(json.loads((run / "adapter" / "classifier.json").read_text())["labels"])
+    test_rows = (run / "data" / "test.jsonl").read_text().splitlines()
+    preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(test_rows) > 0
+    assert [p["text"] for p in preds] == [json.loads(l)["text"] for l in test_rows]
+    for p in preds:
+        assert p["predicted"] in labels and p["gold"] in labels
+        assert 0.0 < p["probability"] <= 1.0
+
+
+def test_training_ran_on_two_workers_with_label_only_loss(pipeline_run):
+    _, run, out = pipeline_run
+    assert "[train] start: world_size 2" in out
+    assert "step 4/4" in out and "left ~" in out  # progress with steps, loss and time left
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["tokens"]["train"]["rows"] == 40 and report["tokens"]["train"]["truncated_rows"] == 0
+    ckpts = sorted((run / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json"))
+    assert ckpts, "Ray Train stored no checkpoint"
+    steps = {json.loads(p.read_text())["global_step"] for p in ckpts}
+    assert 4 in steps  # the latest is always kept
+
+
+def test_exported_adapter_and_merged_model(pipeline_run):
+    _, run, _ = pipeline_run
+    adapter, merged = run / "adapter", run / "merged"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 32
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    meta = json.loads((adapter / "classifier.json").read_text())
+    assert meta["base_model"] == "smollm2-135m-instruct" and "{labels}" in meta["prompt"]["instruction"]
+    assert (adapter / "tokenizer.json").exists() and not (adapter / "optimizer.pt").exists()
+    assert (merged / "model.safetensors").exists() and (merged / "tokenizer.json").exists()
+    assert json.loads((merged / "classifier.json").read_text())["kind"] == "merged"
+
+
+def test_mlflow_run_has_params_and_metrics(pipeline_run):
+    runs, run, _ = pipeline_run
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=(runs / "mlruns").as_uri())
+    r = client.get_run((run / "mlflow_run_id").read_text().strip())
+    assert r.data.params["train.num_workers"] == "2"
+    assert "test_macro_f1" in r.data.metrics and "loss" in r.data.metrics and "eval_loss" in r.data.metrics
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "banking"}\n{"text": "", "label": "banking"}\n{"text": "x"}\n')
+    proc = run_step("pipeline", "--runs-dir", str(tmp_path / "runs"), "--name", "bad", "--train-file", str(bad), timeout=300)
+    assert proc.returncode == 2
+    assert f"{bad}:2: field 'text': empty text" in proc.stderr
+    assert f"{bad}:3: field 'label': missing label" in proc.stderr
+    assert not (tmp_path / "runs" / "bad" / "ray_train").exists()
+
+
+def test_rerun_with_same_name_resumes_from_latest_checkpoint(pipeline_run):
+    runs, run, _ = pipeline_run
+    args = [a if a != "4" else "6" for a in SMALL]  # max_steps 4 -> 6
+    proc = run_step("train", "--runs-dir", str(runs), "--name", "e2e", *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "resuming from" in out
+    assert "step 5/6" in out and "step 1/6" not in out  # continued, not restarted
+    steps = {json.loads(p.read_text())["global_step"] for p in (run / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json")}
+    assert 6 in steps

@@ -1,0 +1,54 @@
+import pytest
+
+from textclf.prompts import PromptFormat
+
+from conftest import DOMAINS
+
+
+def test_chat_prompt_has_labels_and_completion_is_label(tokenizer):
+    fmt = PromptFormat(tuple(DOMAINS))
+    prompt = fmt.prompt(tokenizer, "what is my balance")
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert ", ".join(DOMAINS) in prompt and "what is my balance" in prompt
+    assert "SmolLM" not in prompt  # our system message replaces the template's default one
+    assert fmt.completion(tokenizer, "banking") == "banking<|im_end|>"
+
+
+def test_encode_masks_only_the_label(tokenizer):
+    fmt = PromptFormat(tuple(DOMAINS))
+    enc = fmt.encode(tokenizer, "what is my balance", "banking")
+    prompt_only = fmt.encode(tokenizer, "what is my balance")
+    assert enc.input_ids[: enc.prompt_length] == prompt_only.input_ids
+    completion = [t for t, m in zip(enc.input_ids, enc.completion_mask) if m]
+    assert tokenizer.decode(completion) == "banking<|im_end|>"
+    assert not enc.truncated
+
+
+def test_long_text_is_cut_but_label_kept(tokenizer):
+    fmt = PromptFormat(tuple(DOMAINS), max_length=90)
+    enc = fmt.encode(tokenizer, "very long text " * 200, "meta")
+    assert enc.truncated and len(enc.input_ids) <= 90
+    assert tokenizer.decode(enc.input_ids[enc.prompt_length:]) == "meta<|im_end|>"
+    with pytest.raises(ValueError, match="leaves no room"):
+        PromptFormat(tuple(DOMAINS), max_length=20).encode(tokenizer, "x " * 50, "meta")
+
+
+def test_first_tokens_decide_the_scoring_plan(tokenizer):
+    assert PromptFormat(tuple(DOMAINS)).first_tokens_distinct(tokenizer)
+    # "credit_cards" and "credit_score" share their first token: multi-step constrained choice is needed.
+    assert not PromptFormat(("credit_cards", "credit_score", "home")).first_tokens_distinct(tokenizer)
+
+
+def test_plain_prompt_without_chat_template(tokenizer):
+    fmt = PromptFormat(("a", "b"), use_chat_template=False)
+    assert fmt.prompt(tokenizer, "hi").endswith("Text: hi\nCategory: ")
+    assert fmt.completion(tokenizer, "a") == "a" + tokenizer.eos_token
+
+
+def test_settings_roundtrip_and_checks():
+    fmt = PromptFormat(("x", "y"), instruction="Pick {labels}.", max_length=64)
+    assert PromptFormat.from_dict(fmt.to_dict()) == fmt
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        PromptFormat(("x",))
+    with pytest.raises(ValueError, match="unique"):
+        PromptFormat(("x", "x"))

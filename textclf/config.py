@@ -1,0 +1,280 @@
+"""Typed run configuration: dataclass defaults, overridden by a YAML file, then by CLI flags.
+
+Every field name is unique across sections, so `--learning-rate 1e-3` and `--train.learning_rate 1e-3`
+both work; YAML may be flat or nested by section.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class DataConfig:
+    # Bundled 10-domain CLINC150 subset; relative paths resolve against the working directory first, then the
+    # project root (so `ray job submit --working-dir .` finds them too).
+    train_file: Optional[str] = "data/clinc150/train.jsonl"
+    validation_file: Optional[str] = "data/clinc150/validation.jsonl"
+    test_file: Optional[str] = "data/clinc150/test.jsonl"
+    hf_dataset: Optional[str] = None  # a Hub id or a `save_to_disk` folder; replaces the files when set
+    hf_config: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: Optional[list[str]] = None  # the allowed label set; inferred from the training data when unset
+    test_size: float = 0.2  # used only when no test file is given
+    validation_size: float = 0.1  # used only when no validation file is given
+    split_seed: int = 42
+    max_train_examples: Optional[int] = None  # a stratified subsample, for quick runs
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    model: str = DEFAULT_MODEL  # a Hub id, a local path, or the alias of the bundled SmolLM2
+    model_cache_dir: Optional[str] = None  # where converted bundled models live; default ~/.cache/textclf
+    max_length: int = 256  # prompt + label tokens; longer texts are cut and counted
+    use_chat_template: bool = True  # used when the tokenizer has one
+    instruction: str = "Classify the text into one of these categories: {labels}. Answer with the category only."
+
+
+@dataclass
+class LoraConfig:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32
+    num_epochs: float = 1.0
+    max_steps: int = -1  # overrides num_epochs when > 0
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 5
+    eval_steps: int = 20
+    save_steps: int = 20
+    logging_steps: int = 5
+    checkpoints_to_keep: int = 2
+    max_failures: int = 0
+    gradient_checkpointing: bool = False
+    share_prompt_prefix: bool = True  # compute the batch's common prompt prefix once (same loss, ~2.8x faster on CPU)
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    eval_batch_size: int = 256
+    max_num_seqs: int = 256
+    kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU
+    gpu_memory_utilization: float = 0.85
+    eval_adapter: bool = False  # evaluate base + adapter instead of the merged model (slow on CPU)
+    eval_num_cpus: float = 1.0
+    eval_num_gpus: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # defaults to a timestamp
+    runs_dir: str = "runs"
+    storage_path: Optional[str] = None  # Ray Train storage; default <runs_dir>/<name>/ray
+    mlflow_uri: Optional[str] = None  # default: a local file store at <runs_dir>/mlruns
+    experiment: str = "textclf"
+    ray_address: Optional[str] = None  # default: RAY_ADDRESS, else an embedded local Ray
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Inverse of to_dict (how Ray workers receive the configuration)."""
+        return cls(**{name: tp(**d.get(name, {})) for name, tp in _section_classes().items()})
+
+    @property
+    def run_dir(self) -> Path:
+        if not self.run.name:
+            raise ValueError("run.name is not set")
+        return Path(self.run.runs_dir) / self.run.name
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """field name -> (section, field, resolved type)."""
+    index: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML or CLI value to the field's declared type, with an error naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _convert(value, inner, key)
+    if origin is list:
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {key}: expected a list, got {value!r}")
+        return [_convert(v, args[0], key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config {key}: expected true or false, got {value!r}")
+    try:
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config {key}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any, index) -> None:
+    name = key.split(".")[-1].replace("-", "_")
+    if name not in index:
+        raise ValueError(f"unknown config key {key!r}")
+    section, f, tp = index[name]
+    if "." in key and key.split(".")[0] != section:
+        raise ValueError(f"config key {key!r}: {name} belongs to section {section!r}")
+    setattr(getattr(cfg, section), name, _convert(value, tp, key))
+
+
+def _flatten_yaml(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                flat[f"{key}.{k}"] = v
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
+    cfg = Config()
+    index = _field_index()
+    if config_path:
+        data = yaml.safe_load(Path(config_path).read_text())
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"{config_path}: expected a mapping of config keys")
+        for key, value in _flatten_yaml(data).items():
+            _apply(cfg, key, value, index)
+    for key, value in (overrides or {}).items():
+        _apply(cfg, key, value, index)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    t = cfg.train
+    if t.num_workers < 1:
+        raise ValueError("train.num_workers must be >= 1")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {t.precision!r}")
+    for name in ("test_size", "validation_size"):
+        v = getattr(cfg.data, name)
+        if not 0 < v < 1:
+            raise ValueError(f"data.{name} must be between 0 and 1, not {v}")
+    if cfg.lora.lora_r < 1:
+        raise ValueError("lora.lora_r must be >= 1")
+    if t.save_steps % t.eval_steps:
+        # Ray Train ranks checkpoints by the eval loss logged before each save.
+        raise ValueError("train.save_steps must be a multiple of train.eval_steps")
+    if "{labels}" not in cfg.model.instruction:
+        raise ValueError("model.instruction must contain the placeholder {labels}")
+
+
+def parse_args(argv: Optional[list[str]] = None, description: str = "") -> Config:
+    """`--config run.yaml` plus any number of `--key value` (or `--section.key value`) overrides."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file with config keys (flat or by section)")
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--"):
+            parser.error(f"unexpected argument {tok!r}")
+        key = tok[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            value = rest[i + 1]
+            i += 2
+        else:
+            value = "true"  # a bare flag switches a boolean on
+            i += 1
+        overrides[key] = value
+    try:
+        return load_config(args.config, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def resolve_path(path: str) -> str:
+    """Relative data paths: the working directory first, then the project root."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return str(p)
+    alt = PROJECT_ROOT / p
+    return str(alt) if alt.exists() else str(p)

@@ -1,0 +1,81 @@
+"""What a trained classifier is on disk, and the merge step.
+
+A run folder holds `adapter/` (LoRA weights + tokenizer + classifier.json) and, after export, `merged/`
+(a full checkpoint + tokenizer + classifier.json). classifier.json carries the base model, the label set and the
+prompt settings, so evaluation and serving need nothing else.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from .prompts import PromptFormat
+
+META_FILE = "classifier.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def write_meta(out_dir: Path, base_model: str, fmt: PromptFormat, kind: str, extra: Optional[dict] = None) -> None:
+    meta = {"kind": kind, "base_model": base_model, "labels": list(fmt.labels), "prompt": fmt.to_dict(), **(extra or {})}
+    (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not an exported classifier (no {META_FILE})")
+    return json.loads(path.read_text())
+
+
+def prompt_format(meta: dict[str, Any]) -> PromptFormat:
+    return PromptFormat.from_dict(meta["prompt"])
+
+
+def save_adapter(checkpoint_dir: Path, out_dir: Path, base_model: str, fmt: PromptFormat, extra: Optional[dict] = None) -> Path:
+    """Copy the adapter and tokenizer out of a trainer checkpoint (leaving optimizer state behind)."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in checkpoint_dir.iterdir():
+        if f.name.startswith("adapter_") or f.name in TOKENIZER_FILES:
+            shutil.copy2(f, tmp / f.name)
+    if not (tmp / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no adapter_config.json in the checkpoint")
+    write_meta(tmp, base_model, fmt, kind="adapter", extra=extra)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def merge_adapter(adapter_dir: Path, out_dir: Path, base_model_path: Optional[str] = None) -> Path:
+    """Fold the LoRA weights into the base model: a plain checkpoint that any runtime (vLLM included) loads, and
+    that serves faster than base + adapter on CPUs."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    meta = read_meta(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_model_path or meta["base_model"], dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    meta = {**meta, "kind": "merged", "adapter": str(adapter_dir)}
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Swap a finished folder into place so a failed export never leaves a half-written model behind."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""Classification with a vLLM engine: the answer is always one of the labels, with its probability.
+
+When every label starts with its own token (checked under the model's tokenizer), one engine step scores all
+labels at once (`logprob_token_ids`) and the probabilities are a softmax over the labels' first tokens.
+Otherwise decoding is constrained to the label strings (structured `choice`) and the probability is that of
+the chosen label's tokens. Free generation followed by parsing is never used.
+Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from .prompts import PromptFormat
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    labels: tuple[str, ...]
+    first_token_ids: Optional[tuple[int, ...]]  # None: constrained multi-step choice
+
+    @property
+    def one_step(self) -> bool:
+        return self.first_token_ids is not None
+
+
+def scoring_plan(fmt: PromptFormat, tokenizer) -> ScoringPlan:
+    if fmt.first_tokens_distinct(tokenizer):
+        return ScoringPlan(fmt.labels, tuple(ids[0] for ids in fmt.label_token_ids(tokenizer)))
+    return ScoringPlan(fmt.labels, None)
+
+
+def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
+    from vllm import SamplingParams
+
+    if plan.one_step:
+        return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids))
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return SamplingParams(
+        max_tokens=max_label_tokens,
+        temperature=0.0,
+        logprobs=0,  # asks for the chosen tokens' log-probabilities, hence cumulative_logprob
+        structured_outputs=StructuredOutputsParams(choice=list(plan.labels)),
+    )
+
+
+def _softmax(logprobs: Sequence[float]) -> list[float]:
+    m = max(logprobs)
+    exps = [math.exp(x - m) for x in logprobs]
+    s = sum(exps)
+    return [e / s for e in exps]
+
+
+def parse_output(plan: ScoringPlan, completion) -> dict[str, Any]:
+    """`completion` is a vLLM CompletionOutput (RequestOutput.outputs[0])."""
+    if plan.one_step:
+        step = completion.logprobs[0]
+        lps = [step[t].logprob if t in step else -math.inf for t in plan.first_token_ids]
+        probs = _softmax(lps)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"label": plan.labels[best], "confidence": probs[best], "scores": dict(zip(plan.labels, probs))}
+    text = completion.text.strip()
+    if text not in plan.labels:  # cannot happen under the grammar; refuse rather than guess
+        raise RuntimeError(f"constrained decoding returned {text!r}, not a label")
+    cum = completion.cumulative_logprob
+    prob = math.exp(cum) if cum is not None else float("nan")
+    return {"label": text, "confidence": prob, "scores": {text: prob}}
+
+
+def top_k(scores: dict[str, float], k: int) -> dict[str, float]:
+    return dict(sorted(scores.items(), key=lambda kv: -kv[1])[:k])
+
+
+def on_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def engine_kwargs(
+    model_path: str,
+    max_model_len: int,
+    *,
+    max_num_seqs: int = 256,
+    kv_cache_gib: float = 1.0,
+    gpu_memory_utilization: float = 0.85,
+    enable_lora: bool = False,
+    max_loras: int = 1,
+    max_lora_rank: int = 16,
+) -> dict[str, Any]:
+    """Engine settings that start on a CPU-only machine as well as on a GPU."""
+    kw: dict[str, Any] = dict(
+        model=model_path,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        enable_prefix_caching=True,  # every prompt shares the instruction and label list
+        seed=0,
+    )
+    if on_gpu():
+        kw.update(dtype="auto", gpu_memory_utilization=gpu_memory_utilization)
+    else:
+        # On CPU the utilization fraction sizes host memory (the default 0.92 fails): size the KV cache directly.
+        kw.update(dtype="bfloat16", enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+    if enable_lora:
+        kw.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
+    return kw
+
+
+class BatchClassifier:
+    """A vLLM engine that classifies batches of texts; the Ray Data evaluation maps it over the test split."""
+
+    def __init__(self, model_dir: str, meta: dict[str, Any], engine_options: dict[str, Any], adapter_dir: Optional[str] = None):
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.fmt = PromptFormat.from_dict(meta["prompt"])
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
+        self.plan = scoring_plan(self.fmt, self.tokenizer)
+        self.params = sampling_params(self.plan, max(len(x) for x in self.fmt.label_token_ids(self.tokenizer)) + 1)
+        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, enable_lora=adapter_dir is not None, **engine_options))
+        self.lora = None
+        if adapter_dir:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("classifier", 1, adapter_dir)
+
+    def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        encoded = [self.fmt.encode(self.tokenizer, t) for t in texts]
+        prompts = [{"prompt_token_ids": e.input_ids} for e in encoded]
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False, lora_request=self.lora)
+        results = []
+        for e, out in zip(encoded, outputs):
+            r = parse_output(self.plan, out.outputs[0])
+            r["truncated"] = e.truncated
+            results.append(r)
+        return results
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        results = self.classify([str(t) for t in batch["text"]])
+        return {
+            "text": list(batch["text"]),
+            "gold": list(batch["label"]),
+            "predicted": [r["label"] for r in results],
+            "probability": [r["confidence"] for r in results],
+            "truncated": [r["truncated"] for r in results],
+        }

