@@ -49,7 +49,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     rows = ds.map_batches(
         BatchClassifier,
-        fn_constructor_kwargs={"model_dir": model_dir, "meta": meta, "engine_options": engine_options, "adapter_dir": adapter},
+        fn_constructor_kwargs={"model_dir": model_dir, "meta": meta, "engine_options": engine_options, "adapter_dir": adapter,
+                               "cpu_threads_bind": e.cpu_threads_bind},
         batch_size=e.eval_batch_size,
         concurrency=1,
         num_cpus=e.eval_num_cpus,

@@ -7,8 +7,8 @@ a rerun with the same --name resumes from the latest, and the best adapter is ex
 """
 from __future__ import annotations
 
+import json
 import logging
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -53,14 +53,33 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
     if checkpoint:
         with checkpoint.as_directory() as d:
-            log.info("resuming from %s", d)
-            trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
+            print(f"[train] resuming from {d}", flush=True)
+            output = trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
     else:
-        trainer.train()
+        output = trainer.train()
+    # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
+    ray.train.report({f"final_{k}": v for k, v in output.metrics.items()})
+
+
+def _final_metrics_callback(path: Path):
+    """Ray Train's Result keeps only metrics reported with a checkpoint; the end-of-training report (throughput,
+    final loss) has none, so the controller writes it to the run folder as it arrives."""
+    from ray.train import UserCallback
+
+    class FinalMetrics(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            final = next((m for m in metrics if m and "final_train_runtime" in m), None)
+            if final:
+                path.write_text(json.dumps(final, indent=2))
+
+    return FinalMetrics()
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
-    return cfg.run.storage_path or str(run_dir)
+    """Ray Train storage: the run folder, or <storage_path>/<run name> (a shared path or s3:// / gs:// URI)."""
+    if cfg.run.storage_path:
+        return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    return str(run_dir)
 
 
 def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
@@ -92,6 +111,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
                 num_to_keep=t.checkpoints_to_keep, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
             ),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=[_final_metrics_callback(run_dir / "train_output.json")],
         ),
     )
     result = trainer.fit()
@@ -115,10 +135,13 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
                 "run": cfg.run.name,
             },
         )
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    final_file = run_dir / "train_output.json"
+    final = json.loads(final_file.read_text()) if final_file.exists() else {}
+    summary = {"best_step": metrics.get("step"), "best_eval_loss": metrics["eval_loss"], **final}
+    (run_dir / "train_metrics.json").write_text(json.dumps(summary, indent=2))
     if env:
         tracking.log_metrics(uri, run_dir, {"best_eval_loss": metrics["eval_loss"]})
-    log.info("adapter saved to %s (final metrics %s)", adapter, {k: final[k] for k in list(final)[:8]})
+    log.info("adapter saved to %s; training: %s", adapter, json.dumps(summary))
     return adapter
 
 

@@ -91,6 +91,7 @@ def test_mlflow_run_has_params_and_metrics(pipeline_run):
     runs, run, _ = pipeline_run
     import mlflow
 
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     client = mlflow.MlflowClient(tracking_uri=(runs / "mlruns").as_uri())
     r = client.get_run((run / "mlflow_run_id").read_text().strip())
     assert r.data.params["train.num_workers"] == "2"

@@ -29,6 +29,10 @@ def test_long_text_is_cut_but_label_kept(tokenizer):
     enc = fmt.encode(tokenizer, "very long text " * 200, "meta")
     assert enc.truncated and len(enc.input_ids) <= 90
     assert tokenizer.decode(enc.input_ids[enc.prompt_length:]) == "meta<|im_end|>"
+    # Without a label (inference) the cut leaves room for the longest label, so prompt + answer fit as in training.
+    longest = max(len(ids) for ids in fmt.label_token_ids(tokenizer))
+    bare = fmt.encode(tokenizer, "very long text " * 200)
+    assert bare.truncated and len(bare.input_ids) + longest <= 90
     with pytest.raises(ValueError, match="leaves no room"):
         PromptFormat(tuple(DOMAINS), max_length=20).encode(tokenizer, "x " * 50, "meta")
 

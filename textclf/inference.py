@@ -83,6 +83,16 @@ def on_gpu() -> bool:
         return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls run natively only with AVX-512 BF16 or AMX; elsewhere vLLM falls back to slow torch kernels
+    (measured here on an AVX2-only CPU: bf16 under 1 prompt/s, fp32 3.6)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def engine_kwargs(
     model_path: str,
     max_model_len: int,
@@ -106,7 +116,14 @@ def engine_kwargs(
         kw.update(dtype="auto", gpu_memory_utilization=gpu_memory_utilization)
     else:
         # On CPU the utilization fraction sizes host memory (the default 0.92 fails): size the KV cache directly.
-        kw.update(dtype="bfloat16", enforce_eager=True, kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)))
+        # Blocks of 32 tokens (the CPU backend's smallest) let prefix caching reuse the shared instruction;
+        # with the default size it rarely fills a block (measured: 3.6 -> 6.0 prompts/s on one core).
+        kw.update(
+            dtype="bfloat16" if cpu_has_native_bf16() else "float32",
+            enforce_eager=True,
+            kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
+            block_size=32,
+        )
     if enable_lora:
         kw.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)
     return kw
@@ -115,9 +132,22 @@ def engine_kwargs(
 class BatchClassifier:
     """A vLLM engine that classifies batches of texts; the Ray Data evaluation maps it over the test split."""
 
-    def __init__(self, model_dir: str, meta: dict[str, Any], engine_options: dict[str, Any], adapter_dir: Optional[str] = None):
+    def __init__(
+        self,
+        model_dir: str,
+        meta: dict[str, Any],
+        engine_options: dict[str, Any],
+        adapter_dir: Optional[str] = None,
+        cpu_threads_bind: Optional[str] = "all",
+    ):
         from transformers import AutoTokenizer
         from vllm import LLM
+
+        if cpu_threads_bind and not on_gpu():
+            # vLLM binds its CPU engine to one core and keeps the other for itself by default; a batch job has
+            # nothing else to run (measured on 2 cores: 6.0 -> 10.8 prompts/s with both).
+            bind = f"0-{os.cpu_count() - 1}" if cpu_threads_bind == "all" else cpu_threads_bind
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
         self.fmt = PromptFormat.from_dict(meta["prompt"])
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence
 
+_LONGEST: dict = {}  # (tokenizer id, format) -> longest label completion in tokens; encode() runs per request
+
 DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}. Answer with the category only."
 
 
@@ -87,12 +89,16 @@ class PromptFormat:
         return tokenizer(s, add_special_tokens=False)["input_ids"]
 
     def encode(self, tokenizer, text: str, label: Optional[str] = None) -> Encoded:
-        """Prompt (+ completion) token ids; an over-long text is cut by tokens so the label always fits."""
+        """Prompt (+ completion) token ids; an over-long text is cut by tokens so the label always fits.
+
+        Without a label (inference) room is kept for the longest label, so a cut prompt plus any answer stays
+        within max_length, as in training."""
         completion_ids = self._ids(tokenizer, self.completion(tokenizer, label)) if label is not None else []
+        reserve = len(completion_ids) if label is not None else self._longest_completion(tokenizer)
         prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, text))
         truncated = False
-        if len(prompt_ids) + len(completion_ids) > self.max_length:
-            overhead = len(self._ids(tokenizer, self.prompt(tokenizer, ""))) + len(completion_ids)
+        if len(prompt_ids) + reserve > self.max_length:
+            overhead = len(self._ids(tokenizer, self.prompt(tokenizer, ""))) + reserve
             budget = self.max_length - overhead
             if budget < 1:
                 raise ValueError(
@@ -102,11 +108,17 @@ class PromptFormat:
             cut = tokenizer.decode(text_ids, skip_special_tokens=True)
             prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
             # Decoding and re-encoding can merge tokens differently: trim until it fits.
-            while len(prompt_ids) + len(completion_ids) > self.max_length and cut:
+            while len(prompt_ids) + reserve > self.max_length and cut:
                 cut = cut[:-1]
                 prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
             truncated = True
         return Encoded(input_ids=prompt_ids + completion_ids, prompt_length=len(prompt_ids), truncated=truncated)
+
+    def _longest_completion(self, tokenizer) -> int:
+        key = (id(tokenizer), self)
+        if key not in _LONGEST:
+            _LONGEST[key] = max(len(ids) for ids in self.label_token_ids(tokenizer))
+        return _LONGEST[key]
 
     def label_token_ids(self, tokenizer) -> list[list[int]]:
         """Each label's completion tokens, as they follow the prompt."""

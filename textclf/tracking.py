@@ -5,10 +5,18 @@ The driver opens the run and logs the configuration; the rank-0 training worker 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
 RUN_ID_FILE = "mlflow_run_id"
+
+
+def _allow_file_store(uri: str) -> dict[str, str]:
+    """MLflow 3 refuses its file store unless told otherwise; a local folder is the zero-setup default here."""
+    env = {"MLFLOW_ALLOW_FILE_STORE": "true"} if uri.startswith("file:") else {}
+    os.environ.update(env)
+    return env
 
 
 def tracking_uri(mlflow_uri: Optional[str], runs_dir: str) -> str:
@@ -29,6 +37,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     """Open (or, for a resumed run, reopen) the MLflow run of this run folder; returns its id."""
     import mlflow
 
+    _allow_file_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)
     id_file = Path(run_dir) / RUN_ID_FILE
@@ -46,6 +55,7 @@ def log_metrics(uri: str, run_dir: Path, metrics: dict[str, float]) -> None:
         return
     import mlflow
 
+    _allow_file_store(uri)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=id_file.read_text().strip()):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
@@ -53,4 +63,5 @@ def log_metrics(uri: str, run_dir: Path, metrics: dict[str, float]) -> None:
 
 def worker_env(uri: str, experiment: str, run_id: str) -> dict[str, str]:
     """Environment for transformers' MLflowCallback to log into the driver's run."""
-    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_RUN_ID": run_id}
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_RUN_ID": run_id,
+            **_allow_file_store(uri)}
