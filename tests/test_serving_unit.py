@@ -159,6 +159,7 @@ def test_resolve_plan(tmp_path, smollm2_path):
     b = _fake_run(tmp_path, "legal", smollm2_path, ["x", "y", "z"], merged=False)
     p = resolve_plan(ServeConfig(run=str(a)))
     assert p.engine_model == str(a / "merged") and not p.enable_lora and list(p.classifiers) == ["tickets"]
+    assert p.max_model_len == 256 + 32  # room for the label after a prompt cut to max_length
     p = resolve_plan(ServeConfig(runs_dir=str(tmp_path)))  # the latest run: legal (adapter only) -> base + LoRA
     assert list(p.classifiers) == ["legal"] and p.enable_lora and p.engine_model == smollm2_path
     p = resolve_plan(ServeConfig(adapters={"tickets": str(a), "legal": str(b / "adapter")}, default_classifier="legal"))

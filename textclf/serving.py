@@ -24,6 +24,7 @@ from .inference import ScoringPlan, parse_output, sampling_params, scoring_plan,
 from .prompts import PromptFormat
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LABEL_ROOM = 32  # engine context beyond the prompt's max_length, for the label tokens
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -168,7 +169,9 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
     if default not in specs:
         raise ValueError(f"default_classifier {default!r} is not one of {sorted(specs)}")
     rank = cfg.engine.max_lora_rank or (min(r for r in LORA_RANKS if r >= max(ranks)) if ranks else 16)
-    max_len = max(prompt_format(s.meta).max_length for s in specs.values())
+    # A prompt may use all of max_length (PromptFormat cuts long texts to it, as evaluation does): leave the engine
+    # room for the label tokens after it.
+    max_len = max(prompt_format(s.meta).max_length for s in specs.values()) + LABEL_ROOM
     return ServingPlan(engine_model, specs, default, max_len, enable_lora=bool(ranks), max_loras=max(1, len(ranks)),
                        max_lora_rank=rank)
 
