@@ -129,18 +129,12 @@ def bind_cores(cfg: ServeConfig) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metrics (Prometheus text at GET /metrics, per replica)
+# metrics (Prometheus text at GET /metrics, per replica): serve_app/state.py
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest  # noqa: E402
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: E402
 
-REGISTRY = CollectorRegistry()
-REQUESTS = Counter("textclf_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=REGISTRY)
-LATENCY = Histogram("textclf_request_latency_seconds", "HTTP request latency by endpoint", ["endpoint"], registry=REGISTRY,
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-PREDICTIONS = Counter("textclf_predictions", "Predictions by classifier and label (label \"\" when abstained)",
-                      ["model", "label"], registry=REGISTRY)
-TRUNCATED = Counter("textclf_truncated_texts", "Texts cut by tokens to the model's prompt length", ["model"],
-                    registry=REGISTRY)
+from serve_app import state  # noqa: E402
+
 ENDPOINTS = {"/classify", "/classify/batch", "/health", "/ready", "/labels", "/metrics", "/docs", "/openapi.json"}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +146,6 @@ api = FastAPI(
     description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
                 "classifier's labels (or null below the abstain threshold), with its probability.",
 )
-api.state.max_body_bytes = 1 << 20
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -169,7 +162,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = api.state.max_body_bytes
+        limit = state.LIMITS["max_body_bytes"]
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             resp = JSONResponse({"error": f"request body over the limit of {limit} bytes"}, status_code=413)
@@ -201,8 +194,8 @@ async def count_requests(request: Request, call_next):
         status = response.status_code
         return response
     finally:
-        REQUESTS.labels(endpoint, str(status)).inc()
-        LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
+        state.REQUESTS.labels(endpoint, str(status)).inc()
+        state.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 @api.exception_handler(RequestValidationError)
@@ -234,7 +227,7 @@ ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
 class ClassifierServer:
     def __init__(self, config: dict[str, Any]):
         self.cfg = ServeConfig.model_validate(config)
-        api.state.max_body_bytes = self.cfg.max_body_bytes
+        state.LIMITS["max_body_bytes"] = self.cfg.max_body_bytes
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
@@ -245,9 +238,9 @@ class ClassifierServer:
 
     def _record(self, results: list[dict[str, Any]]) -> None:
         for r in results:
-            PREDICTIONS.labels(r["model"], r["label"] or "").inc()
+            state.PREDICTIONS.labels(r["model"], r["label"] or "").inc()
             if r["truncated"]:
-                TRUNCATED.labels(r["model"]).inc()
+                state.TRUNCATED.labels(r["model"]).inc()
 
     @api.post("/classify", response_model=Prediction, responses=ERRORS,
               summary="Classify one text with a named classifier (default: the server's default)")
@@ -281,7 +274,7 @@ class ClassifierServer:
 
     @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)
     async def metrics(self):
-        return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(state.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     async def check_health(self) -> None:
         """Ray Serve's periodic check: a dead engine fails it and Serve replaces the replica."""

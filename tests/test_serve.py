@@ -31,7 +31,7 @@ SMALL = [
     "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
     "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
 ]
-TEST_ARGS = {"max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
+TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
 ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
 
@@ -129,7 +129,9 @@ def test_classify_batch(app, labels):
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out) == 3 and all(p["label"] in labels for p in out)
-    singles = [app.post("/classify", json={"text": t}).json()["label"] for t in texts]
+    singles = [app.post("/classify", json={"text": t}) for t in texts]
+    assert all(s.status_code == 200 for s in singles), [s.text for s in singles]
+    singles = [s.json()["label"] for s in singles]
     assert singles == [p["label"] for p in out]
 
 
