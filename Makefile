@@ -1,7 +1,7 @@
 # make run  : the whole pipeline on the embedded defaults (local Ray, bundled CLINC150 subset, SmolLM2-135M)
 # make test : the test suite (unit tests, then the real stack end to end on a small subset)
 # make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
-#              (Ray Serve + vLLM; stop with Ctrl-C or `serve shutdown -y`). See README, "Serving".
+#              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
 # All create or update the virtual environment first.
 
 VENV ?= .venv
