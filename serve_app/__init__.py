@@ -1,0 +1,1 @@
+"""Ray Serve application serving a trained textclf classifier (see app.py and config.yaml)."""

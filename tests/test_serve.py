@@ -1,0 +1,295 @@
+"""The real Serve app end to end: local Ray (embedded), Ray Serve with the FastAPI ingress, a vLLM CPU engine and a
+small model this module trains (the tiny pipeline run; set TEXTCLF_SERVE_TEST_RUN=<run folder> to reuse one).
+
+One app (the run's merged model, from serve_app/config.yaml) serves every endpoint and bad-input test, then the
+served predictions are compared with the evaluation job's, then the engine is killed (503, /ready false). A
+second app on the same cluster serves two LoRA adapters from one engine. Last, Serve shuts down and no vLLM
+process of this module may remain.
+"""
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.e2e
+
+MARKER = f"TEXTCLF_SERVE_TEST={uuid.uuid4().hex}"  # in the environment of every process this module starts
+SMALL = [
+    "--max-train-examples", "40", "--max-eval-examples", "30",
+    "--num-workers", "2", "--per-device-batch-size", "2", "--max-steps", "4",
+    "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
+    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
+]
+TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
+ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+               "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+
+
+def our_vllm_processes() -> list[int]:
+    """vLLM engine processes started by this module (found by the marker in their environment)."""
+    found = []
+    key = MARKER.encode()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes()
+            name = (p / "comm").read_text() + (p / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if key in env.split(b"\0") and "VLLM" in name:
+            found.append(int(p.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    given = os.environ.get("TEXTCLF_SERVE_TEST_RUN")
+    if given:
+        return Path(given).resolve()
+    runs = tmp_path_factory.mktemp("serve_runs")
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--runs-dir", str(runs), "--name", "tiny", *SMALL],
+                          cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return runs / "tiny"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray import serve
+
+    k, v = MARKER.split("=")
+    os.environ[k] = v
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             runtime_env={"env_vars": {k: v, "PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    state = {"url": f"http://127.0.0.1:{port}", "shut": False}
+    yield state
+    if not state["shut"]:
+        serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def app(cluster, tiny_run):
+    from ray import serve
+
+    from serve_app.app import app_from_config
+
+    t0 = time.time()
+    serve.run(app_from_config(run=str(tiny_run), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
+              name="textclf", route_prefix="/")
+    print(f"\n[serve] merged app up in {time.time() - t0:.1f}s")
+    with httpx.Client(base_url=cluster["url"], timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def labels(tiny_run):
+    return json.loads((tiny_run / "merged" / "classifier.json").read_text())["labels"]
+
+
+# -- endpoints --------------------------------------------------------------------------------------------------
+
+def test_classify(app, labels):
+    t0 = time.perf_counter()
+    r = app.post("/classify", json={"text": "how much is left in my checking account"})
+    ms = (time.perf_counter() - t0) * 1000
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] in labels and 0 < body["confidence"] <= 1
+    assert body["model"] == "tiny" and body["latency_ms"] > 0 and body["truncated"] is False
+    assert body["needs_review"] is False
+    assert 1 <= len(body["scores"]) <= 5 and body["label"] == max(body["scores"], key=body["scores"].get)
+    assert set(body["scores"]) <= set(labels)
+    print(f"[serve] one /classify round trip {ms:.0f} ms (engine {body['latency_ms']} ms)")
+
+
+def test_classify_batch(app, labels):
+    texts = ["book a flight to paris", "what is the weather", "i lost my credit card"]
+    r = app.post("/classify/batch", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out) == 3 and all(p["label"] in labels for p in out)
+    singles = [app.post("/classify", json={"text": t}) for t in texts]
+    assert all(s.status_code == 200 for s in singles), [s.text for s in singles]
+    singles = [s.json()["label"] for s in singles]
+    assert singles == [p["label"] for p in out]
+
+
+def test_abstain(app, labels):
+    r = app.post("/classify", json={"text": "hello there", "abstain_threshold": 1.0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["label"] is None and body["needs_review"] is True and body["scores"]
+
+
+def test_health_ready_labels_docs(app, labels):
+    assert app.get("/health").json() == {"status": "ok"}
+    r = app.get("/ready")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    r = app.get("/labels").json()
+    assert r["default"] == "tiny" and r["classifiers"] == {"tiny": labels}
+    assert app.get("/docs").status_code == 200
+    paths = app.get("/openapi.json").json()["paths"]
+    for p in ("/classify", "/classify/batch", "/health", "/ready", "/labels", "/metrics"):
+        assert p in paths
+
+
+def test_long_text_is_truncated(app, labels):
+    r = app.post("/classify", json={"text": "please move money between my accounts " * 100})  # ~3,900 chars
+    assert r.status_code == 200, r.text
+    assert r.json()["truncated"] is True and r.json()["label"] in labels
+
+
+BAD = [
+    ("empty text", {"json": {"text": ""}}, 422),
+    ("blank text", {"json": {"text": "  \n "}}, 422),
+    ("text not a string", {"json": {"text": 42}}, 422),
+    ("text a list", {"json": {"text": ["a"]}}, 422),
+    ("no text", {"json": {}}, 422),
+    ("not json", {"content": b"{text: oops", "headers": {"content-type": "application/json"}}, 422),
+    ("a path field", {"json": {"text": "hi", "model_path": "/etc/passwd"}}, 422),
+    ("text over the limit", {"json": {"text": "a" * 5001}}, 413),
+    ("body over the limit", {"json": {"text": "a" * 70000}}, 413),
+    ("unknown classifier", {"json": {"text": "hi", "model": "../../etc/passwd"}}, 404),
+]
+
+
+@pytest.mark.parametrize("name,kw,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(app, name, kw, status):
+    r = app.post("/classify", **kw)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]  # a JSON reason
+    if status == 404:
+        assert r.json()["detail"]["valid"] == ["tiny"]
+
+
+def test_bad_batches(app):
+    r = app.post("/classify/batch", json={"texts": ["hi"] * 41})
+    assert r.status_code == 413 and "40" in r.json()["error"]
+    for bad in ({"texts": []}, {"texts": "hi"}, {"texts": ["ok", ""]}, {"texts": ["ok", 3]}):
+        r = app.post("/classify/batch", json=bad)
+        assert r.status_code == 422 and r.json()["error"], bad
+
+
+def test_bad_requests_do_not_disturb_good_ones(app, cluster, labels):
+    async def go():
+        async with httpx.AsyncClient(base_url=cluster["url"], timeout=120) as c:
+            good = [c.post("/classify", json={"text": f"transfer {i} dollars to savings"}) for i in range(12)]
+            bad = [c.post("/classify", **kw) for _, kw, _ in BAD]
+            return await asyncio.gather(*good, *bad)
+
+    t0 = time.perf_counter()
+    rs = asyncio.run(go())
+    elapsed = time.perf_counter() - t0
+    good, bad = rs[:12], rs[12:]
+    assert all(r.status_code == 200 and r.json()["label"] in labels for r in good)
+    assert [r.status_code for r in bad] == [s for _, _, s in BAD]
+    assert app.get("/ready").json()["ready"] is True
+    print(f"[serve] 12 concurrent good + {len(BAD)} bad requests in {elapsed:.2f}s")
+
+
+def test_metrics(app):
+    text = app.get("/metrics").text
+    assert 'textclf_requests_total{endpoint="/classify",status="200"}' in text
+    assert 'textclf_requests_total{endpoint="/classify",status="422"}' in text
+    assert 'textclf_request_latency_seconds_bucket{endpoint="/classify"' in text
+    assert 'textclf_predictions_total{label=' in text and 'model="tiny"' in text
+    assert "textclf_truncated_texts_total" in text
+
+
+def test_served_predictions_match_evaluation(app, tiny_run):
+    sys.path.insert(0, str(ROOT))
+    from serve_app.check import agreement
+
+    res = agreement(app, tiny_run, batch=40)
+    print(f"[serve] agreement with the evaluation job: {res['agree']}/{res['n']} = {res['rate']:.2%}, "
+          f"max |p diff| {res['max_prob_diff']:.4f}")
+    assert res["n"] > 0 and res["rate"] >= 0.99
+
+
+def test_engine_failure_gives_503_and_not_ready(app):
+    pids = our_vllm_processes()
+    assert pids, "no vLLM engine process found"
+    for pid in pids:
+        os.kill(pid, 9)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        r = app.post("/classify", json={"text": "hello"})
+        if r.status_code == 503:
+            break
+        time.sleep(0.5)
+    assert r.status_code == 503 and r.json()["error"], r.text
+    r = app.get("/ready")
+    assert r.status_code == 503 and r.json()["ready"] is False and r.json()["reason"]
+    assert app.get("/health").status_code == 200  # the process still answers; Serve's health check replaces it
+
+
+# -- two adapters on one engine ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_app(cluster, tiny_run, tmp_path_factory):
+    """`tickets`: the run's adapter. `legal`: a copy with another label set whose labels share their first token,
+    so it takes the constrained multi-step path."""
+    from ray import serve
+
+    from serve_app.app import app_from_config
+
+    legal = tmp_path_factory.mktemp("legal") / "adapter"
+    shutil.copytree(tiny_run / "adapter", legal)
+    meta = json.loads((legal / "classifier.json").read_text())
+    meta["labels"] = meta["prompt"]["labels"] = ["contract dispute", "contract renewal", "privacy request"]
+    (legal / "classifier.json").write_text(json.dumps(meta))
+    t0 = time.time()
+    serve.run(app_from_config(adapters={"tickets": str(tiny_run), "legal": str(legal)}, **TEST_ARGS,
+                              deployment_overrides=ONE_REPLICA), name="textclf", route_prefix="/")
+    print(f"\n[serve] LoRA app up in {time.time() - t0:.1f}s")
+    with httpx.Client(base_url=cluster["url"], timeout=300) as client:
+        yield client
+
+
+def test_two_adapters(lora_app, labels):
+    r = lora_app.get("/labels").json()
+    assert r["default"] == "tickets" and set(r["classifiers"]) == {"tickets", "legal"}
+    a = lora_app.post("/classify", json={"text": "my card was declined", "model": "tickets"})
+    assert a.status_code == 200, a.text
+    assert a.json()["label"] in labels and a.json()["model"] == "tickets"
+    b = lora_app.post("/classify", json={"text": "I want to delete my personal data", "model": "legal"})
+    assert b.status_code == 200, b.text
+    assert b.json()["label"] in r["classifiers"]["legal"] and b.json()["model"] == "legal"
+    assert 0 < b.json()["confidence"] <= 1
+    d = lora_app.post("/classify", json={"text": "my card was declined"})  # the default: tickets
+    assert d.json()["model"] == "tickets"
+    u = lora_app.post("/classify", json={"text": "x", "model": "medical"})
+    assert u.status_code == 404 and sorted(u.json()["detail"]["valid"]) == ["legal", "tickets"]
+
+
+def test_shutdown_leaves_no_vllm_processes(cluster):
+    from ray import serve
+
+    assert our_vllm_processes(), "expected a running engine before shutdown"
+    serve.shutdown()
+    cluster["shut"] = True
+    deadline = time.time() + 60
+    while our_vllm_processes() and time.time() < deadline:
+        time.sleep(1)
+    assert our_vllm_processes() == []

@@ -1,0 +1,189 @@
+"""The Ray-free serving core: request validation, abstain and top-k, the classifier registry, error mapping and
+configuration, with a fake engine (no Ray, no vLLM engine)."""
+import asyncio
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+from pydantic import ValidationError
+
+from textclf.export import write_meta
+from textclf.prompts import PromptFormat
+from textclf.serving import (
+    BatchRequest,
+    ClassifierSpec,
+    Classifiers,
+    ClassifyRequest,
+    EngineUnavailable,
+    ServeConfig,
+    ServingPlan,
+    TooLarge,
+    UnknownClassifier,
+    apply_abstain,
+    resolve_plan,
+)
+
+LABELS = ("banking", "travel", "kitchen_and_dining")
+
+
+# -- request models ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    {"text": ""}, {"text": "   \n\t"}, {"text": 3}, {"text": None}, {"text": ["a"]}, {},
+    {"text": "ok", "model_path": "/etc/passwd"},  # unknown fields are refused: no request names a path
+    {"text": "ok", "abstain_threshold": 1.5}, {"text": "ok", "model": 7},
+])
+def test_classify_request_rejects(body):
+    with pytest.raises(ValidationError):
+        ClassifyRequest.model_validate(body)
+
+
+def test_classify_request_accepts():
+    r = ClassifyRequest.model_validate({"text": " hi ", "model": "tickets", "abstain_threshold": 0.4})
+    assert r.text == " hi " and r.model == "tickets" and r.abstain_threshold == 0.4
+
+
+@pytest.mark.parametrize("body", [{"texts": []}, {"texts": "abc"}, {"texts": ["a", ""]}, {"texts": ["a", 1]}])
+def test_batch_request_rejects(body):
+    with pytest.raises(ValidationError):
+        BatchRequest.model_validate(body)
+
+
+# -- abstain / top-k --------------------------------------------------------------------------------------------
+
+def test_abstain():
+    r = {"label": "travel", "confidence": 0.4, "scores": {"travel": 0.4, "banking": 0.35}}
+    assert apply_abstain(r, None) == {**r, "needs_review": False}
+    assert apply_abstain(r, 0.3)["label"] == "travel"
+    held = apply_abstain(r, 0.5)
+    assert held["label"] is None and held["needs_review"] and held["scores"] == r["scores"]
+    assert apply_abstain({**r, "confidence": float("nan")}, 0.1)["needs_review"]  # NaN never passes
+
+
+# -- the classify core with a fake engine -----------------------------------------------------------------------
+
+class FakeEngine:
+    """Answers one-step scoring with fixed logits per label first token."""
+
+    def __init__(self, plan_logprobs):
+        self.logprobs = plan_logprobs
+        self.errored = False
+        self.calls = []
+
+    async def complete(self, ids, params, request_id, spec):
+        self.calls.append((ids, spec.name, request_id))
+        if self.errored:
+            raise RuntimeError("EngineDeadError")
+        step = {t: SimpleNamespace(logprob=lp) for t, lp in self.logprobs.items()}
+        return SimpleNamespace(logprobs=[step], text="", cumulative_logprob=None)
+
+    async def check_health(self):
+        if self.errored:
+            raise RuntimeError("dead")
+
+
+@pytest.fixture
+def core(tokenizer):
+    fmt = PromptFormat(labels=LABELS, max_length=64)
+    meta = {"kind": "merged", "base_model": "x", "labels": list(LABELS), "prompt": fmt.to_dict()}
+    spec = ClassifierSpec("clf", meta, "unused")
+    plan = ServingPlan("unused", {"clf": spec}, "clf", 64, False, 1, 16)
+    firsts = [ids[0] for ids in fmt.label_token_ids(tokenizer)]
+    assert len(set(firsts)) == 3
+    engine = FakeEngine({firsts[0]: math.log(0.2), firsts[1]: math.log(0.7), firsts[2]: math.log(0.1)})
+    cfg = ServeConfig(max_batch=4, max_text_chars=5000, top_k=2)
+    return Classifiers(cfg, plan, engine, tokenizers={"clf": tokenizer}), engine, fmt
+
+
+def test_classify_core(core, tokenizer):
+    clf, engine, fmt = core
+    (r,) = asyncio.run(clf.classify(["book me a flight"]))
+    assert r["label"] == "travel" and r["model"] == "clf" and not r["truncated"] and not r["needs_review"]
+    assert r["confidence"] == pytest.approx(0.7)
+    assert list(r["scores"]) == ["travel", "banking"]  # top-2, best first
+    assert engine.calls[0][0] == fmt.encode(tokenizer, "book me a flight").input_ids  # the training prompt tokens
+    (r,) = asyncio.run(clf.classify(["x"], abstain_threshold=0.9))
+    assert r["label"] is None and r["needs_review"] and r["scores"]
+
+
+def test_classify_core_truncates_long_text(core):
+    clf, _, _ = core
+    (r,) = asyncio.run(clf.classify(["word " * 200]))
+    assert r["truncated"] and r["label"] == "travel"
+
+
+def test_classify_core_errors(core):
+    clf, engine, _ = core
+    with pytest.raises(UnknownClassifier) as e:
+        asyncio.run(clf.classify(["x"], model="../../etc/passwd"))
+    assert e.value.status == 404 and e.value.detail == {"valid": ["clf"]}
+    with pytest.raises(TooLarge):
+        asyncio.run(clf.classify(["x"] * 5))
+    with pytest.raises(TooLarge):
+        asyncio.run(clf.classify(["x" * 5001]))
+    assert asyncio.run(clf.ready()) == (True, "ok")
+    engine.errored = True
+    with pytest.raises(EngineUnavailable) as e:
+        asyncio.run(clf.classify(["x"]))
+    assert e.value.status == 503
+    ok, reason = asyncio.run(clf.ready())
+    assert not ok and reason
+
+
+# -- configuration and registry ---------------------------------------------------------------------------------
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValidationError):
+        ServeConfig(adapters={"../x": "runs/x"})
+    with pytest.raises(ValidationError):
+        ServeConfig(abstain_threshold=2)
+    with pytest.raises(ValidationError):
+        ServeConfig(unknown_key=1)
+
+
+def _fake_run(root, name, base, labels, merged=True):
+    fmt = PromptFormat(labels=tuple(labels))
+    adapter = root / name / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 12}))
+    write_meta(adapter, base, fmt, kind="adapter")
+    if merged:
+        (root / name / "merged").mkdir()
+        write_meta(root / name / "merged", base, fmt, kind="merged")
+    return root / name
+
+
+def test_resolve_plan(tmp_path, smollm2_path):
+    a = _fake_run(tmp_path, "tickets", smollm2_path, ["a", "b"])
+    b = _fake_run(tmp_path, "legal", smollm2_path, ["x", "y", "z"], merged=False)
+    p = resolve_plan(ServeConfig(run=str(a)))
+    assert p.engine_model == str(a / "merged") and not p.enable_lora and list(p.classifiers) == ["tickets"]
+    assert p.max_model_len == 256 + 32  # room for the label after a prompt cut to max_length
+    p = resolve_plan(ServeConfig(runs_dir=str(tmp_path)))  # the latest run: legal (adapter only) -> base + LoRA
+    assert list(p.classifiers) == ["legal"] and p.enable_lora and p.engine_model == smollm2_path
+    p = resolve_plan(ServeConfig(adapters={"tickets": str(a), "legal": str(b / "adapter")}, default_classifier="legal"))
+    assert p.enable_lora and p.max_loras == 2 and p.max_lora_rank == 16 and p.default == "legal"
+    assert [s.lora_id for s in p.classifiers.values()] == [1, 2]
+    assert p.classifiers["legal"].labels == ["x", "y", "z"]
+    other = _fake_run(tmp_path, "other", "some/other-base", ["a", "b"])
+    with pytest.raises(ValueError, match="one base model"):
+        resolve_plan(ServeConfig(adapters={"tickets": str(a), "o": str(other)}))
+    with pytest.raises(FileNotFoundError):
+        resolve_plan(ServeConfig(run=str(tmp_path / "missing")))
+
+
+def test_yaml_config_is_valid():
+    import yaml
+
+    from serve_app.app import DEFAULT_CONFIG, DEPLOYMENT
+
+    conf = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert conf["http_options"]["host"] == "127.0.0.1"
+    app = conf["applications"][0]
+    assert app["import_path"] == "serve_app.app:build_app"
+    ServeConfig.model_validate(app["args"])
+    (dep,) = app["deployments"]
+    assert dep["name"] == DEPLOYMENT and dep["max_ongoing_requests"] >= 1
+    auto = dep["autoscaling_config"]
+    assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
