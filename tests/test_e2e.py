@@ -1,38 +1,17 @@
 """The real stack end to end on a small subset: local Ray, Ray Data, 2 Ray Train workers running TRL SFTTrainer
 with LoRA on SmolLM2-135M, the merge, and a vLLM CPU engine evaluating over Ray Data. One pipeline run is shared
-by the tests below; the resume test then continues that run."""
+by the tests below (and by the serving tests); the resume test then continues that run."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import SMALL, run_step
 pytestmark = pytest.mark.e2e
 
-SMALL = [
-    "--max-train-examples", "40", "--max-eval-examples", "30",
-    "--num-workers", "2", "--per-device-batch-size", "2", "--max-steps", "4",
-    "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
-    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
-]
-
-
-def run_step(step, *args, timeout=900):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", f"ray_jobs.{step}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    proc = run_step("pipeline", "--runs-dir", str(runs), "--name", "e2e", *SMALL)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-    return runs, runs / "e2e", proc.stdout + proc.stderr
+def pipeline_run(tiny_pipeline):
+    return tiny_pipeline
 
 
 def test_pipeline_prints_macro_f1_and_writes_report(pipeline_run):
@@ -111,7 +90,7 @@ def test_bad_data_fails_before_training(tmp_path):
 def test_rerun_with_same_name_resumes_from_latest_checkpoint(pipeline_run):
     runs, run, _ = pipeline_run
     args = [a if a != "4" else "6" for a in SMALL]  # max_steps 4 -> 6
-    proc = run_step("train", "--runs-dir", str(runs), "--name", "e2e", *args)
+    proc = run_step("train", "--runs-dir", str(runs), "--name", run.name, *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "resuming from" in out

@@ -1,5 +1,5 @@
 """The real Serve app end to end: local Ray (embedded), Ray Serve with the FastAPI ingress, a vLLM CPU engine and a
-small model this module trains (the tiny pipeline run; set TEXTCLF_SERVE_TEST_RUN=<run folder> to reuse one).
+small model the session trains once (conftest's tiny pipeline run, shared with test_e2e).
 
 One app (the run's merged model, from serve_app/config.yaml) serves every endpoint and bad-input test, then the
 served predictions are compared with the evaluation job's, then the engine is killed (503, /ready false). A
@@ -25,12 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 MARKER = f"TEXTCLF_SERVE_TEST={uuid.uuid4().hex}"  # in the environment of every process this module starts
-SMALL = [
-    "--max-train-examples", "40", "--max-eval-examples", "30",
-    "--num-workers", "2", "--per-device-batch-size", "2", "--max-steps", "4",
-    "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
-    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
-]
 TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
 ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
@@ -51,18 +45,6 @@ def our_vllm_processes() -> list[int]:
         if key in env.split(b"\0") and "VLLM" in name:
             found.append(int(p.name))
     return found
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    given = os.environ.get("TEXTCLF_SERVE_TEST_RUN")
-    if given:
-        return Path(given).resolve()
-    runs = tmp_path_factory.mktemp("serve_runs")
-    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--runs-dir", str(runs), "--name", "tiny", *SMALL],
-                          cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return runs / "tiny"
 
 
 @pytest.fixture(scope="module")
