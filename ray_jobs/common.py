@@ -52,13 +52,3 @@ def start_run(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     return run_dir
-
-
-def latest_run(runs_dir: str) -> Path:
-    """The most recently finished run with an exported model."""
-    runs = sorted(
-        (p for p in Path(runs_dir).glob("*/adapter/classifier.json")), key=lambda p: p.stat().st_mtime
-    )
-    if not runs:
-        raise FileNotFoundError(f"no trained run under {runs_dir}/ (train one first: make run)")
-    return runs[-1].parent.parent

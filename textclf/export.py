@@ -30,6 +30,14 @@ def read_meta(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def latest_run(runs_dir: Path) -> Path:
+    """The most recently exported run under runs_dir (one with merged/ or adapter/ classifier.json)."""
+    metas = [p for p in Path(runs_dir).glob(f"*/*/{META_FILE}") if p.parent.name in ("merged", "adapter")]
+    if not metas:
+        raise FileNotFoundError(f"no exported run under {runs_dir}/ (train one first: make run)")
+    return max(metas, key=lambda p: p.stat().st_mtime).parent.parent
+
+
 def prompt_format(meta: dict[str, Any]) -> PromptFormat:
     return PromptFormat.from_dict(meta["prompt"])
 

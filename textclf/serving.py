@@ -19,7 +19,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from .export import META_FILE, prompt_format, read_meta
+from .export import META_FILE, latest_run, prompt_format, read_meta
 from .inference import ScoringPlan, parse_output, sampling_params, scoring_plan, top_k
 from .prompts import PromptFormat
 
@@ -80,15 +80,6 @@ def project_path(p: str | os.PathLike) -> Path:
 
     path = Path(p).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
-
-
-def latest_run(runs_dir: str | os.PathLike) -> Path:
-    """The most recently exported run under runs_dir (one with merged/ or adapter/ classifier.json)."""
-    root = project_path(runs_dir)
-    metas = [p for p in root.glob(f"*/*/{META_FILE}") if p.parent.name in ("merged", "adapter")]
-    if not metas:
-        raise FileNotFoundError(f"no exported run under {root}/ (train one first: make run)")
-    return max(metas, key=lambda p: p.stat().st_mtime).parent.parent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -152,7 +143,7 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
             folder = project_path(cfg.model_dir)
             run_name = folder.parent.name if folder.name in ("merged", "adapter") else folder.name
         else:
-            run = project_path(cfg.run or os.environ.get("TEXTCLF_RUN") or latest_run(cfg.runs_dir))
+            run = project_path(cfg.run or os.environ.get("TEXTCLF_RUN") or latest_run(project_path(cfg.runs_dir)))
             folder = run / "merged" if (run / "merged" / META_FILE).exists() else _adapter_folder(run)
             run_name = run.name
         meta = read_meta(folder)
