@@ -32,12 +32,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="global batch (examples per optimizer step)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--runs-dir", default="runs/bench")
+    ap.add_argument("--eval-examples", type=int, default=None, help="a stratified subset of the test split")
     args = ap.parse_args()
     setup_logging()
     per_worker = args.batch // args.workers
     overrides = dict(model=args.model, runs_dir=args.runs_dir, name=f"bench-{time.strftime('%H%M%S')}",
                      num_workers=args.workers, per_device_batch_size=per_worker, max_steps=args.steps,
-                     eval_steps=args.steps, save_steps=args.steps, logging_steps=max(1, args.steps // 4))
+                     eval_steps=args.steps, save_steps=args.steps, logging_steps=max(1, args.steps // 4),
+                     max_eval_examples=args.eval_examples)
     cfg = load_config(overrides=overrides)
     run_dir = start_run(cfg)
     prepared = prepare(cfg, run_dir)

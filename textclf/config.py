@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .prompts import DEFAULT_INSTRUCTION
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -46,7 +48,7 @@ class ModelConfig:
     model_cache_dir: Optional[str] = None  # where converted bundled models live; default ~/.cache/textclf
     max_length: int = 256  # prompt + label tokens; longer texts are cut and counted
     use_chat_template: bool = True  # used when the tokenizer has one
-    instruction: str = "Classify the text into one of these categories: {labels}. Answer with the category only."
+    instruction: str = DEFAULT_INSTRUCTION
 
 
 @dataclass

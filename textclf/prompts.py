@@ -8,7 +8,12 @@ from typing import Any, Optional, Sequence
 
 _LONGEST: dict = {}  # (tokenizer id, format) -> longest label completion in tokens; encode() runs per request
 
-DEFAULT_INSTRUCTION = "Classify the text into one of these categories: {labels}. Answer with the category only."
+# Worded so the prefix shared by every prompt of the bundled task (template + instruction + labels) reaches 65
+# tokens: vLLM's CPU prefix cache works in 32-token blocks, so 64 of them are reused instead of 32 (58 before).
+DEFAULT_INSTRUCTION = (
+    "Classify the user's message into exactly one of these categories: {labels}. "
+    "Answer with the category name only, nothing else."
+)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = Tru
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=t.per_device_batch_size * 2,
+        per_device_eval_batch_size=max(32, t.per_device_batch_size * 2),  # no gradients: larger batches share the prefix more
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
