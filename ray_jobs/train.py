@@ -18,7 +18,7 @@ from textclf import tracking
 from textclf.config import Config, parse_args
 from textclf.export import save_adapter
 
-from .common import init_ray, setup_logging, start_run
+from .common import setup_logging, start_run
 from .prepare import Prepared, exit_on_data_error, prepare
 
 log = logging.getLogger("ray_jobs.train")
