@@ -3,8 +3,8 @@
     python -m bench.compare [--smoke] [--kinds generative,encoder] [--out runs/compare.md] [--key value ...]
 
 For each kind: the whole pipeline with that kind's defaults (prepare, Ray Train, export, Ray Data + vLLM evaluation),
-then the run's merged model served by the Serve app (serve_app/config.yaml's settings, on a free loopback port of the
-same local Ray) and a closed-loop load through the ingress. Writes runs/compare.md and compare.json with macro-F1,
+then the run's merged model served by the Serve app (serve_app/config.yaml's settings, one replica, on a free
+loopback port of the same local Ray) and a closed-loop load through the ingress. Writes runs/compare.md and compare.json with macro-F1,
 accuracy, training wall time, evaluation prompts/s, served req/s and latency percentiles. `--smoke` takes
 configs/smoke.yaml and a short load (a plumbing check, not a measurement); other `--key value` flags go to both runs.
 """
@@ -23,6 +23,8 @@ from ray_jobs.pipeline import run_pipeline
 from textclf.config import PROJECT_ROOT, load_config
 
 SMOKE_CONFIG = PROJECT_ROOT / "configs" / "smoke.yaml"
+# One replica, so that a second one starting on a saturated 2-core node (over a minute) is not part of the figure.
+ONE_REPLICA = {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}
 
 
 def served_throughput(url: str, texts: list[str], requests: int, concurrency: int, warmup: int = 50) -> dict[str, float]:
@@ -35,7 +37,8 @@ def served_throughput(url: str, texts: list[str], requests: int, concurrency: in
 
 
 def serve_and_measure(run_dir: Path, requests: int, concurrency: int) -> dict[str, Any]:
-    """Serve the run's merged model on this process's Ray and load it through the ingress; Serve is shut down after."""
+    """Serve the run's merged model (serve_app/config.yaml's settings, one replica) on this process's Ray and load it
+    through the ingress; Serve is shut down after."""
     import httpx
     from ray import serve
 
@@ -48,7 +51,8 @@ def serve_and_measure(run_dir: Path, requests: int, concurrency: int) -> dict[st
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         t0 = time.time()
-        serve.run(app_from_config(run=str(run_dir)), name="textclf", route_prefix="/")
+        serve.run(app_from_config(run=str(run_dir), deployment_overrides={"autoscaling_config": ONE_REPLICA}),
+                  name="textclf", route_prefix="/")
         start_s = time.time() - t0
         with httpx.Client(base_url=url, timeout=60) as c:
             assert c.get("/ready").json()["ready"]
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
     note = ("smoke settings (configs/smoke.yaml): a plumbing check, not a measurement" if args.smoke
             else "each kind's defaults on the bundled CLINC150 10-domain data")
     text = (f"# Generative vs encoder classifier ({time.strftime('%Y-%m-%d %H:%M')}, one run on this machine)\n\n"
-            f"{note}; served: serve_app/config.yaml's settings through the Serve ingress, closed loop, "
+            f"{note}; served: serve_app/config.yaml's settings, one replica, through the Serve ingress, closed loop, "
             f"{requests} requests at concurrency {args.concurrency}, the load client on the same machine.\n\n"
             f"{table(results)}\n")
     out.write_text(text)

@@ -57,7 +57,7 @@ def test_encoder_export(encoder_pipeline):
 
 
 @pytest.fixture(scope="module")
-def encoder_app(cluster, encoder_pipeline):
+def encoder_app(encoder_pipeline, cluster):  # the pipeline (its own Ray) finishes before this module's Ray starts
     from ray import serve
 
     from serve_app.app import app_from_config

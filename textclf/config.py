@@ -33,7 +33,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_steps": -1,
         "num_epochs": 3.0,
         "per_device_batch_size": 16,
-        "learning_rate": 1e-3,
+        "learning_rate": 3e-3,
         "warmup_steps": 20,
         "eval_steps": 50,
         "save_steps": 50,
