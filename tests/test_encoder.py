@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 
 ENCODER_SMALL = [
     "--model-kind", "encoder", "--max-train-examples", "300", "--max-eval-examples", "100",
-    "--num-workers", "2", "--num-epochs", "5", "--eval-steps", "25", "--save-steps", "25", "--logging-steps", "5",
+    "--num-workers", "2", "--per-device-batch-size", "16", "--num-epochs", "5", "--eval-steps", "25", "--save-steps", "25", "--logging-steps", "5",
     "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
 ]
 

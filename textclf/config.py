@@ -32,7 +32,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "target_modules": ["query", "key", "value", "dense"],
         "max_steps": -1,
         "num_epochs": 3.0,
-        "per_device_batch_size": 16,
+        "per_device_batch_size": 32,
         "learning_rate": 3e-3,
         "warmup_steps": 20,
         "eval_steps": 50,
