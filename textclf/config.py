@@ -31,7 +31,7 @@ KIND_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_length": 64,
         "target_modules": ["query", "key", "value", "dense"],
         "max_steps": -1,
-        "num_epochs": 3.0,
+        "num_epochs": 5.0,
         "per_device_batch_size": 32,
         "learning_rate": 3e-3,
         "warmup_steps": 20,
