@@ -30,9 +30,16 @@ def train_worker(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     from textclf.models import resolve_model
-    from textclf.training import build_trainer
 
     cfg = Config.from_dict(config["cfg"])
+    if cfg.model.model_kind == "encoder":
+        from textclf.encoder import build_trainer
+
+        kind_args = {"labels": config["labels"]}
+    else:
+        from textclf.training import build_trainer
+
+        kind_args = {}
     ctx = ray.train.get_context()
     os.environ.update(config.get("env", {}))
     # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
@@ -48,6 +55,7 @@ def train_worker(config: dict[str, Any]) -> None:
         use_gpu=cfg.train.use_gpu,
         callbacks=[RayTrainReportCallback()],
         report_to=["mlflow"] if config.get("env") else [],
+        **kind_args,
     )
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
@@ -114,7 +122,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
     log.info("%d training worker(s), %g CPU(s) each%s", t.num_workers, cpus, ", 1 GPU each" if t.use_gpu else "")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "env": env},
+        train_loop_config={"cfg": cfg.to_dict(), "env": env, "labels": list(prepared.fmt.labels)},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
         ),
@@ -149,6 +157,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
                 "step": metrics.get("step"),
                 "label_field": cfg.data.label_field,
                 "run": cfg.run.name,
+                "model_kind": cfg.model.model_kind,
             },
         )
     final_file = run_dir / "train_output.json"
