@@ -2,6 +2,7 @@
 
     python -m cluster.render           # rewrite cluster/kuberay/rayservice.yaml's serveConfigV2
     python -m cluster.render --check   # exit 1 if it differs from what would be written (CI, tests)
+    python -m cluster.render --print   # the rendered Serve config, e.g. for `serve deploy` on a launcher cluster
 
 One source for the Serve app's settings: the manifest's copy is generated, never edited.
 """
@@ -64,7 +65,11 @@ def splice(manifest: str, body: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="fail if the manifest is out of date")
+    ap.add_argument("--print", action="store_true", help="print the rendered Serve config and exit")
     a = ap.parse_args(argv)
+    if a.print:
+        print(render_text(), end="")
+        return 0
     current = RAYSERVICE.read_text()
     wanted = splice(current, render_text())
     if a.check:
