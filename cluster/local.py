@@ -105,7 +105,7 @@ def cluster_pids(state: dict[str, Any]) -> set[int]:
     """Every live process that belongs to this cluster."""
     pids = _tree([n["pid"] for n in state["nodes"]]) | _tree(state.get("pids", []))
     pids |= _naming(state["root"])
-    return {p for p in pids if psutil.pid_exists(p)}
+    return {p for p in pids if _alive(p)}
 
 
 def load_state(state_dir: Path) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def _wait_for_nodes(state: dict[str, Any], n: int, timeout: float) -> None:
     out = ""
     while time.time() < deadline:
         for node in state["nodes"]:
-            if not psutil.pid_exists(node["pid"]) or psutil.Process(node["pid"]).status() == psutil.STATUS_ZOMBIE:
+            if not _alive(node["pid"]):
                 raise RuntimeError(f"node {node['name']} exited; see {node['log']}:\n{Path(node['log']).read_text()[-3000:]}")
         proc = subprocess.run([ray_bin(), "status", "--address", state["gcs_address"]], env=env,
                               capture_output=True, text=True, timeout=60)
@@ -191,26 +191,44 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, workers: int = 1, memory_gib: float 
 def down(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30.0) -> list[int]:
     """Stop this cluster's processes (SIGTERM, then SIGKILL after `timeout`); returns the pids it stopped."""
     state = load_state(state_dir)
-    pids = cluster_pids(state)
-    stopped = set(pids)
+    known = cluster_pids(state)  # taken before anything stops: workers renamed `ray::...` are found by the tree only
     # Workers first, then the head, so the head does not spend the time rescheduling.
     for node in reversed(state["nodes"]):
         for pid in sorted(_tree([node["pid"]]), reverse=True):
             _signal(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        pids = cluster_pids(state)
-        stopped |= pids
-        if not pids:
+    while True:
+        _reap(state)
+        known |= cluster_pids(state)
+        live = [p for p in known if _alive(p)]
+        if not live or time.time() > deadline:
             break
-        for pid in pids:
+        for pid in live:
             _signal(pid, signal.SIGTERM)
         time.sleep(1)
-    for pid in cluster_pids(state):
+    for pid in live:
         _signal(pid, signal.SIGKILL)
-    state["stopped"] = sorted(stopped)
+    time.sleep(0.5)
+    _reap(state)
+    state["stopped"] = sorted(known)
     (Path(state_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
-    return sorted(stopped)
+    return sorted(known)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _reap(state: dict[str, Any]) -> None:
+    """Collect the exit status of node processes this process started (else they linger as zombies)."""
+    for node in state["nodes"]:
+        try:
+            os.waitpid(node["pid"], os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def _signal(pid: int, sig: int) -> None:

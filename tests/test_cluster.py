@@ -30,7 +30,7 @@ def cluster(tmp_path_factory):
     yield state
     stopped = local.down(state_dir)
     assert stopped, "down found no process to stop"
-    left = [p for p in stopped if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    left = [p for p in stopped if local._alive(p)]
     assert not left, f"processes of the test cluster still running: {left}"
     assert not local._naming(state["root"]), "a process still names the cluster's temp dir"
 
@@ -105,8 +105,14 @@ def _train_workers(cluster) -> list[psutil.Process]:
 
 
 def _steps(path: Path) -> list[int]:
-    return sorted(json.loads(p.read_text())["global_step"]
-                  for p in path.glob("checkpoint_*/checkpoint/trainer_state.json"))
+    """Global steps of the checkpoints written so far (one still being copied is skipped)."""
+    steps = []
+    for p in path.glob("checkpoint_*/checkpoint/trainer_state.json"):
+        try:
+            steps.append(json.loads(p.read_text())["global_step"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return sorted(steps)
 
 
 def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):

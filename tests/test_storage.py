@@ -23,6 +23,7 @@ def test_upload_and_download_mirror_changed_files(tmp_path):
     assert storage.upload(local, uri) == 1
     got = storage.download(uri, tmp_path / "fetched")
     assert (got / "adapter" / "classifier.json").read_text() == '{"a": 1}'
+    assert storage.download(uri, got) == got and storage.upload(got, uri) == 0  # in sync both ways: nothing copied
 
 
 def test_a_uri_runs_dir_keeps_the_run_folder_in_a_local_cache(tmp_path, monkeypatch):

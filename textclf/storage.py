@@ -8,6 +8,7 @@ checkpoints straight to the URI (its storage_path), so they are never mirrored a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -58,12 +59,18 @@ def _copy(src_fs, src: str, dst_fs, dst: str, skip: Iterable[str]) -> int:
         if set(rel.split("/")) & skip:
             continue
         old = have.get(rel)
-        if old is not None and old.size == info.size and old.mtime is not None and info.mtime is not None \
-                and old.mtime >= info.mtime:
+        if old is not None and old.size == info.size and old.mtime_ns is not None and info.mtime_ns is not None \
+                and old.mtime_ns >= info.mtime_ns:
             continue
-        target = f"{dst.rstrip('/')}/{rel}"
+        source, target = f"{src.rstrip('/')}/{rel}", f"{dst.rstrip('/')}/{rel}"
         dst_fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pyarrow.fs.copy_files(f"{src.rstrip('/')}/{rel}", target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        pyarrow.fs.copy_files(source, target, source_filesystem=src_fs, destination_filesystem=dst_fs)
+        # Give the local side the other side's time, so the next sync in either direction skips this file.
+        if isinstance(dst_fs, pyarrow.fs.LocalFileSystem):
+            os.utime(target, ns=(info.mtime_ns, info.mtime_ns))
+        elif isinstance(src_fs, pyarrow.fs.LocalFileSystem):
+            m = dst_fs.get_file_info(target).mtime_ns
+            os.utime(source, ns=(m, m))
         n += 1
     return n
 
