@@ -61,7 +61,8 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         output = trainer.train()
     # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
-    ray.train.report({f"final_{k}": v for k, v in output.metrics.items()})
+    ray.train.report({**{f"final_{k}": v for k, v in output.metrics.items()},
+                      "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _final_metrics_callback(path: Path):
@@ -73,6 +74,9 @@ def _final_metrics_callback(path: Path):
         def after_report(self, run_context, metrics, checkpoint):
             final = next((m for m in metrics if m and "final_train_runtime" in m), None)
             if final:
+                # the node of each rank, in rank order: where the run actually ran
+                final = {**{k: v for k, v in final.items() if k != "node_id"},
+                         "worker_nodes": [(m or {}).get("node_id") for m in metrics]}
                 path.write_text(json.dumps(final, indent=2))
 
     return FinalMetrics()

@@ -43,7 +43,8 @@ def ray_cli(cluster, *args, timeout=600):
 
 def submit(cluster, *entrypoint, wait=True, submission_id=None, timeout=600):
     args = ["submit", "--address", cluster["dashboard"], "--working-dir", ".",
-            "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}})]
+            # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers (ranks, steps) across workers.
+            "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}})]
     if submission_id:
         args += ["--submission-id", submission_id]
     if not wait:
@@ -76,17 +77,23 @@ def test_train_then_evaluate_jobs_on_two_nodes_through_a_uri(cluster, tmp_path):
     ranks = dict(re.findall(r"\[train\] rank (\d+) on node ([0-9a-f]+)", out))
     assert set(ranks) == {"0", "1"}, out[-4000:]
     assert len(set(ranks.values())) == 2 and set(ranks.values()) <= node_ids(cluster)
-    # The job ran the venv's python on the uploaded working dir, without .venv / runs / .git in it.
-    assert "step 4/4" in out
     remote = tmp_path / "bucket" / "runs" / "cl"
+    workers = json.loads((remote / "train_output.json").read_text())["worker_nodes"]  # as Ray Train reported them
+    assert len(workers) == 2 and set(workers) == set(ranks.values())
+    assert "step 4/4" in out
     assert (remote / "adapter" / "classifier.json").exists() and (remote / "config.yaml").exists()
     ckpts = list((remote / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json"))
     assert ckpts, "Ray Train wrote no checkpoint to the URI"
 
-    proc = submit(cluster, "python -m ray_jobs.export --runs-dir {0} --name cl && "
-                           "python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {0} --name cl".format(runs_uri))
+    probe = "python -c \"import os, sys; print('PY', sys.executable); print('TOP', sorted(os.listdir('.')))\""
+    proc = submit(cluster, f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
+                           f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "macro_f1=" in out, out[-6000:]
+    # The job's `python` is this venv's, on the uploaded working dir, without .venv / runs / .git in it.
+    assert Path(re.search(r"^PY (\S+)$", out, re.M).group(1)).parent == Path(sys.executable).parent
+    top = re.search(r"^TOP (.*)$", out, re.M).group(1)
+    assert "'ray_jobs'" in top and not any(f"'{d}'" in top for d in (".venv", "runs", ".git"))
     metrics = json.loads((remote / "metrics.json").read_text())  # mirrored back to the URI
     assert metrics["n"] > 0 and 0 <= metrics["macro_f1"] <= 1
     assert (remote / "merged" / "model.safetensors").exists()
