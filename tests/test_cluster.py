@@ -86,8 +86,9 @@ def test_train_then_evaluate_jobs_on_two_nodes_through_a_uri(cluster, tmp_path):
     assert ckpts, "Ray Train wrote no checkpoint to the URI"
 
     probe = "python -c \"import os, sys; print('PY', sys.executable); print('TOP', sorted(os.listdir('.')))\""
-    proc = submit(cluster, f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
-                           f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl")
+    # `ray job submit -- a b` quotes each argument, so a command line with && goes through bash -c.
+    proc = submit(cluster, "bash", "-c", f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
+                  f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "macro_f1=" in out, out[-6000:]
     # The job's `python` is this venv's, on the uploaded working dir, without .venv / runs / .git in it.
