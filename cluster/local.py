@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,6 +213,8 @@ def down(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30.0) -> list[int
     _reap(state)
     state["stopped"] = sorted(known)
     (Path(state_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if not any(_alive(p) for p in known):
+        shutil.rmtree(state["root"], ignore_errors=True)  # the nodes' temp dirs; their start-up logs stay in state_dir
     return sorted(known)
 
 

@@ -33,6 +33,7 @@ def cluster(tmp_path_factory):
     left = [p for p in stopped if local._alive(p)]
     assert not left, f"processes of the test cluster still running: {left}"
     assert not local._naming(state["root"]), "a process still names the cluster's temp dir"
+    assert not Path(state["root"]).exists()
 
 
 def ray_cli(cluster, *args, timeout=600):
