@@ -101,3 +101,14 @@ def test_launcher_config_checks():
     bad = copy.deepcopy(doc)
     bad["setup_commands"] = ["pip install -e ."]
     assert any("gpu extra" in e for e in validate.check_launcher(bad))
+
+
+def test_local_cluster_reads_active_nodes_from_ray_status():
+    from cluster import local
+
+    status = ("======== Autoscaler status ========\nNode status\n------\nActive:\n 1 node_aa11\n 1 node_bb22\n"
+              "Pending:\n (no pending nodes)\n")
+    assert local._active_nodes(status) == 2
+    assert local._active_nodes("Active:\n (no active nodes)\n") == 0
+    lo, hi = local.free_range(10)
+    assert hi - lo == 9 and 20000 <= lo
