@@ -90,6 +90,20 @@ def storage_path(cfg: Config, run_dir: Path) -> str:
     return cfg.run_uri or str(run_dir)
 
 
+def cpus_per_worker(t) -> float:
+    """The configured CPUs per training worker, or: 1 beside a GPU; else the cluster's CPUs shared out evenly,
+    capped at the largest node's, so that each worker's torch gets as many threads as it can use."""
+    if t.cpus_per_worker is not None:
+        return t.cpus_per_worker
+    if t.use_gpu:
+        return 1.0
+    import ray
+
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = sum(per_node)
+    return float(max(1, min(max(per_node, default=1), total // t.num_workers)))
+
+
 def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -104,12 +118,14 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         log.warning("MLflow tracking off: %s", e)
 
     t = cfg.train
+    cpus = cpus_per_worker(t)
+    log.info("%d training worker(s), %g CPU(s) each%s", t.num_workers, cpus, ", 1 GPU each" if t.use_gpu else "")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": env},
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})},
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})},
         ),
         datasets=prepared.datasets,
         dataset_config=DataConfig(datasets_to_split=[]),

@@ -99,7 +99,7 @@ class ProgressCallback(TrainerCallback):
         self.start = time.time()
         self.first_step = state.global_step  # a resumed run starts past 0
         if state.is_world_process_zero:
-            self.printer(f"[train] start: world_size {args.world_size}, step {state.global_step}/{state.max_steps}, "
+            self.printer(f"[train] start: world_size {args.world_size}, {torch.get_num_threads()} threads, step {state.global_step}/{state.max_steps}, "
                          f"{args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
                          f"examples per step", flush=True)
 
