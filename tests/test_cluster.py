@@ -145,7 +145,8 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     assert max(_steps(ckpt_dir)) < 10, "training finished before the kill"
 
     while True:
-        st = ray_cli(cluster, "status", "--address", cluster["dashboard"], job).stdout
+        proc = ray_cli(cluster, "status", "--address", cluster["dashboard"], job)
+        st = proc.stdout + proc.stderr  # the CLI prints the status line on stderr
         if any(s in st for s in ("SUCCEEDED", "FAILED", "STOPPED")) or time.time() > deadline:
             break
         time.sleep(2)
