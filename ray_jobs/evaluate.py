@@ -15,11 +15,11 @@ from typing import Any
 
 from textclf import tracking
 from textclf.config import Config, parse_args
-from textclf.export import latest_run, model_kind, read_meta
+from textclf.export import model_kind, read_meta
 from textclf.metrics import compute_metrics, write_report
 from textclf.models import resolve_model
 
-from .common import init_ray, setup_logging
+from .common import init_ray, open_run, setup_logging, sync_run
 from .prepare import read_split
 
 log = logging.getLogger("ray_jobs.evaluate")
@@ -84,8 +84,9 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
 def main(argv=None) -> None:
     setup_logging()
     cfg = parse_args(argv, description=__doc__)
-    run_dir = (cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))).resolve()
+    run_dir = open_run(cfg)
     m = evaluate(cfg, run_dir)
+    sync_run(cfg, run_dir)
     print(f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f} accuracy={m['accuracy']:.4f} n={m['n']}")
 
 

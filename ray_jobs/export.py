@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 
 from textclf.config import Config, parse_args
-from textclf.export import latest_run, merge_adapter, read_meta
+from textclf.export import merge_adapter, read_meta
 from textclf.models import resolve_model
 
-from .common import setup_logging
+from .common import open_run, setup_logging, sync_run
 
 log = logging.getLogger("ray_jobs.export")
 
@@ -29,8 +29,10 @@ def export(cfg: Config, run_dir: Path) -> Path:
 def main(argv=None) -> None:
     setup_logging()
     cfg = parse_args(argv, description=__doc__)
-    run_dir = cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))
-    print(f"merged: {export(cfg, run_dir.resolve())}")
+    run_dir = open_run(cfg)
+    out = export(cfg, run_dir)
+    sync_run(cfg, run_dir)
+    print(f"merged: {out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any
 
 from textclf.config import Config, parse_args
 
-from .common import setup_logging, start_run
+from .common import setup_logging, start_run, sync_run
 from .evaluate import evaluate
 from .export import export
 from .prepare import exit_on_data_error, prepare
@@ -25,12 +25,15 @@ def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
     t0 = time.time()
     prepared = prepare(cfg, run_dir)
     timings["prepare_s"] = time.time() - t0
+    sync_run(cfg, run_dir)  # each step's output reaches the run's URI (if any) as soon as it exists
     t = time.time()
     train(cfg, run_dir, prepared)
     timings["train_s"] = time.time() - t
+    sync_run(cfg, run_dir)
     t = time.time()
     export(cfg, run_dir)
     timings["export_s"] = time.time() - t
+    sync_run(cfg, run_dir)
     t = time.time()
     metrics = evaluate(cfg, run_dir)
     timings["evaluate_s"] = time.time() - t
@@ -38,6 +41,7 @@ def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
     summary = {k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "n", "prompts_per_second")}
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    sync_run(cfg, run_dir)
     return run_dir, summary
 
 

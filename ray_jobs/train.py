@@ -14,11 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from textclf import tracking
+from textclf import storage, tracking
 from textclf.config import Config, parse_args
 from textclf.export import save_adapter
 
-from .common import setup_logging, start_run
+from .common import setup_logging, start_run, sync_run
 from .prepare import Prepared, exit_on_data_error, prepare
 
 log = logging.getLogger("ray_jobs.train")
@@ -41,6 +41,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
         kind_args = {}
     ctx = ray.train.get_context()
+    # Which node each rank runs on (the cluster tests read it from the job's log).
+    print(f"[train] rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} pid {os.getpid()}",
+          flush=True)
     os.environ.update(config.get("env", {}))
     # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
     train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
@@ -66,7 +69,8 @@ def train_worker(config: dict[str, Any]) -> None:
     else:
         output = trainer.train()
     # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
-    ray.train.report({f"final_{k}": v for k, v in output.metrics.items()})
+    ray.train.report({**{f"final_{k}": v for k, v in output.metrics.items()},
+                      "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _final_metrics_callback(path: Path):
@@ -78,16 +82,20 @@ def _final_metrics_callback(path: Path):
         def after_report(self, run_context, metrics, checkpoint):
             final = next((m for m in metrics if m and "final_train_runtime" in m), None)
             if final:
+                # the node of each rank, in rank order: where the run actually ran
+                final = {**{k: v for k, v in final.items() if k != "node_id"},
+                         "worker_nodes": [(m or {}).get("node_id") for m in metrics]}
                 path.write_text(json.dumps(final, indent=2))
 
     return FinalMetrics()
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:
-    """Ray Train storage: the run folder, or <storage_path>/<run name> (a shared path or s3:// / gs:// URI)."""
+    """Ray Train storage: <storage_path>/<run name> (a path every node sees, or an s3:// / gs:// URI), else the run's
+    URI when runs_dir is one, else the local run folder (enough on one machine)."""
     if cfg.run.storage_path:
-        return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
-    return str(run_dir)
+        return storage.join(cfg.run.storage_path, cfg.run.name)
+    return cfg.run_uri or str(run_dir)
 
 
 def cpus_per_worker(t) -> float:
@@ -124,7 +132,8 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": env, "labels": list(prepared.fmt.labels)},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
+            num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})},
         ),
         datasets=prepared.datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -176,6 +185,7 @@ def main(argv=None) -> None:
     cfg = parse_args(argv, description=__doc__)
     run_dir = start_run(cfg)
     adapter = train(cfg, run_dir, prepare(cfg, run_dir))
+    sync_run(cfg, run_dir)
     print(f"adapter: {adapter}")
 
 

@@ -32,6 +32,7 @@ from textclf.serving import (
     ServeConfig,
     ServingError,
     ServingPlan,
+    pin_model,
     resolve_plan,
 )
 
@@ -297,11 +298,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application builder of serve_app/config.yaml. The config is checked here, so a bad one fails
     `serve run` at once; the run folder (args.run, else $TEXTCLF_RUN, else the latest run) is fixed here too."""
     cfg = ServeConfig.model_validate(args or {})
-    plan = resolve_plan(cfg)  # raises on missing folders, mismatched base models
-    if not cfg.adapters and not cfg.model_dir:
-        spec = next(iter(plan.classifiers.values()))
-        cfg.model_dir = spec.tokenizer_dir  # pin the run chosen now, whatever the replicas' environment
-        cfg.name = spec.name
+    cfg = pin_model(cfg, resolve_plan(cfg))  # raises on missing folders, mismatched base models
     return ClassifierServer.bind(cfg.model_dump())
 
 
@@ -314,10 +311,7 @@ def app_from_config(path: str | os.PathLike = DEFAULT_CONFIG, deployment_overrid
     app = conf["applications"][0]
     args = {**(app.get("args") or {}), **arg_overrides}
     cfg = ServeConfig.model_validate(args)
-    plan = resolve_plan(cfg)
-    if not cfg.adapters and not cfg.model_dir:
-        spec = next(iter(plan.classifiers.values()))
-        cfg.model_dir, cfg.name = spec.tokenizer_dir, spec.name
+    cfg = pin_model(cfg, resolve_plan(cfg))
     opts = next((dict(d) for d in app.get("deployments", []) if d.get("name") == DEPLOYMENT), {})
     opts.pop("name", None)
     opts.update(deployment_overrides or {})

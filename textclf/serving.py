@@ -76,8 +76,12 @@ class ServeConfig(BaseModel):
 
 
 def project_path(p: str | os.PathLike) -> Path:
+    """A local path (relative ones from the project root), or a URI's folder fetched into its local cache."""
     from .config import PROJECT_ROOT
+    from .storage import download, is_uri
 
+    if is_uri(p):
+        return download(str(p))
     path = Path(p).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
 
@@ -172,6 +176,20 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
     encoder = any(model_kind(s.meta) == "encoder" for s in specs.values())  # one classifier: checked above
     return ServingPlan(engine_model, specs, default, max_len + (0 if encoder else LABEL_ROOM), enable_lora=bool(ranks),
                        max_loras=max(1, len(ranks)), max_lora_rank=rank, runner="pooling" if encoder else "generate")
+
+
+def pin_model(cfg: ServeConfig, plan: ServingPlan) -> ServeConfig:
+    """Fix the single classifier chosen now (args.run, $TEXTCLF_RUN or the latest run) into cfg.model_dir, so that
+    every replica serves the same one whatever its environment. A run behind a URI stays a URI: each replica's node
+    fetches its own copy."""
+    if cfg.adapters or cfg.model_dir:
+        return cfg
+    from .storage import is_uri, join
+
+    spec = next(iter(plan.classifiers.values()))
+    run = cfg.run or os.environ.get("TEXTCLF_RUN")
+    folder = join(run, Path(spec.tokenizer_dir).name) if run and is_uri(run) else spec.tokenizer_dir
+    return cfg.model_copy(update={"model_dir": folder, "name": spec.name})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ def _allow_file_store(uri: str) -> dict[str, str]:
 
 
 def tracking_uri(mlflow_uri: Optional[str], runs_dir: str) -> str:
-    return mlflow_uri or (Path(runs_dir).resolve() / "mlruns").as_uri()
+    if mlflow_uri:
+        return mlflow_uri
+    from .storage import cache_dir, is_uri
+
+    # A runs_dir URI holds no file store: keep it in that URI's local cache (a cluster wants --mlflow-uri anyway).
+    return ((cache_dir(runs_dir) if is_uri(runs_dir) else Path(runs_dir).resolve()) / "mlruns").as_uri()
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
