@@ -160,7 +160,8 @@ def main() -> None:
     if only & {"vllm_server", "naive_wrapper"}:
         port = free_port()
         vllm = Proc("vllm_server", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                                    "--port", str(port), "--served-model-name", SERVED_NAME, *engine_cli(folder, args)],
+                                    "--port", str(port), "--served-model-name", SERVED_NAME,
+                                    "--disable-uvicorn-access-log", *engine_cli(folder, args)],
                     {"VLLM_CPU_OMP_THREADS_BIND": cores}, out_dir)
         try:
             vllm.wait_http(f"http://127.0.0.1:{port}/health")

@@ -27,6 +27,11 @@ SERVE_ENV = {
 }
 
 
+# Scripts that start and stop their own cluster: a replica keeps its direct-ingress port open 30 s after a stop by
+# default (for external load balancers to notice); nothing outside the script uses it.
+SCRIPT_ENV = {**SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +62,7 @@ class LocalServe:
 
     def __init__(self, env: Optional[dict[str, str]] = None, num_cpus: int = 2, http_port: Optional[int] = None,
                  di_ports: Optional[tuple[int, int]] = None):
-        self.env = dict(SERVE_ENV if env is None else env)
+        self.env = dict(SCRIPT_ENV if env is None else env)
         if di_ports and self.env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
             self.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], self.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = map(str, di_ports)
         self.num_cpus = num_cpus
