@@ -8,7 +8,8 @@ model, the same requests (the bundled test split) and the same load generator (b
 
 (a) vllm_server: `python -m vllm.entrypoints.openai.api_server` with the engine settings the Serve app uses
     (textclf.inference.engine_kwargs), the same one-step classification through /v1/completions (the classifier's
-    prompt, max_tokens 1, logprob_token_ids = the labels' first tokens), its engine on the same cores.
+    prompt, max_tokens 1, logprob_token_ids = the labels' first tokens), its engine on the same cores, no access
+    log (the app has none either).
 (b) naive_wrapper: bench/naive_wrapper.py (FastAPI + the sync OpenAI client, 5 free tokens, parsed) in front of (a).
 (c) ingress: our Serve app (serve_app/config.yaml, one replica) in a local Ray with the serving environment
     (serve_app.local.SERVE_ENV: direct ingress), requests to the replica's own port; also measured through the
