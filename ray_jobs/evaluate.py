@@ -1,4 +1,5 @@
 """Step 4: batch inference with vLLM over Ray Data on the run's test split; writes the evaluation report.
+Generative classifiers are scored on their label tokens, encoders through vLLM's pooling runner (`classify`).
 
     python -m ray_jobs.evaluate --name <run> [--eval-adapter true]
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from textclf import tracking
 from textclf.config import Config, parse_args
-from textclf.export import latest_run, read_meta
+from textclf.export import latest_run, model_kind, read_meta
 from textclf.metrics import compute_metrics, write_report
 from textclf.models import resolve_model
 
@@ -37,9 +38,11 @@ def classifier_source(cfg: Config, run_dir: Path) -> tuple[str, dict[str, Any], 
 def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     import ray
 
-    from textclf.inference import BatchClassifier
-
     model_dir, meta, adapter = classifier_source(cfg, run_dir)
+    if model_kind(meta) == "encoder":  # vLLM's pooling runner on the merged classification model
+        from textclf.encoder import EncoderBatchClassifier as BatchClassifier
+    else:
+        from textclf.inference import BatchClassifier
     test = read_split(run_dir, "test")
     init_ray(cfg)
     e = cfg.eval

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+from typing import Any
 
-from textclf.config import parse_args
+from textclf.config import Config, parse_args
 
 from .common import setup_logging, start_run
 from .evaluate import evaluate
@@ -16,10 +18,8 @@ from .prepare import exit_on_data_error, prepare
 from .train import train
 
 
-@exit_on_data_error
-def main(argv=None) -> None:
-    setup_logging()
-    cfg = parse_args(argv, description=__doc__)
+def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
+    """(run folder, summary: headline metrics and the time each step took)."""
     run_dir = start_run(cfg)
     timings = {}
     t0 = time.time()
@@ -38,9 +38,17 @@ def main(argv=None) -> None:
     summary = {k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "n", "prompts_per_second")}
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run_dir, summary
+
+
+@exit_on_data_error
+def main(argv=None) -> None:
+    setup_logging()
+    cfg = parse_args(argv, description=__doc__)
+    run_dir, summary = run_pipeline(cfg)
     print(f"\nrun {cfg.run.name}: {run_dir}")
     print(json.dumps(summary["timings"]))
-    print(f"macro_f1={metrics['macro_f1']:.4f} weighted_f1={metrics['weighted_f1']:.4f} accuracy={metrics['accuracy']:.4f} n={metrics['n']}")
+    print(f"macro_f1={summary['macro_f1']:.4f} weighted_f1={summary['weighted_f1']:.4f} accuracy={summary['accuracy']:.4f} n={summary['n']}")
 
 
 if __name__ == "__main__":

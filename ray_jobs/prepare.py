@@ -29,20 +29,29 @@ SPLITS = ("train", "validation", "test")
 
 
 class Tokenize:
-    """Ray Data stage: prompt + completion tokens through the shared PromptFormat."""
+    """Ray Data stage: prompt + completion tokens through the shared PromptFormat (generative kind), or the plain
+    text's tokens and the label's id in the same format's label set (encoder kind)."""
 
-    def __init__(self, model: str, cache_dir: str | None, fmt: dict[str, Any]):
+    def __init__(self, model: str, cache_dir: str | None, fmt: dict[str, Any], kind: str = "generative"):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, cache_dir))
         self.fmt = PromptFormat.from_dict(fmt)
+        self.kind = kind
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        enc = [self.fmt.encode(self.tokenizer, t, l) for t, l in zip(batch["text"], batch["label"])]
+        out: dict[str, Any] = {"label": batch["label"]}
+        if self.kind == "encoder":
+            from textclf.encoder import encode
+
+            enc = [encode(self.tokenizer, self.fmt, t) for t in batch["text"]]
+            out["label_id"] = np.asarray([self.fmt.labels.index(l) for l in batch["label"]], dtype=np.int64)
+        else:
+            enc = [self.fmt.encode(self.tokenizer, t, l) for t, l in zip(batch["text"], batch["label"])]
+            out["completion_mask"] = [np.asarray(e.completion_mask, dtype=np.int8) for e in enc]
         return {
-            "label": batch["label"],
+            **out,
             "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e in enc],
-            "completion_mask": [np.asarray(e.completion_mask, dtype=np.int8) for e in enc],
             "n_tokens": np.asarray([len(e.input_ids) for e in enc]),
             "truncated": np.asarray([e.truncated for e in enc]),
         }
@@ -64,7 +73,8 @@ def tokenize(examples: list[Example], cfg: Config, fmt: PromptFormat):
     # workers hold both would wait forever.
     return ds.map_batches(
         Tokenize,
-        fn_constructor_kwargs={"model": cfg.model.model, "cache_dir": cfg.model.model_cache_dir, "fmt": fmt.to_dict()},
+        fn_constructor_kwargs={"model": cfg.model.model, "cache_dir": cfg.model.model_cache_dir, "fmt": fmt.to_dict(),
+                               "kind": cfg.model.model_kind},
         batch_size=256,
         concurrency=1,
         num_cpus=0.5,

@@ -30,9 +30,16 @@ def train_worker(config: dict[str, Any]) -> None:
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
     from textclf.models import resolve_model
-    from textclf.training import build_trainer
 
     cfg = Config.from_dict(config["cfg"])
+    if cfg.model.model_kind == "encoder":
+        from textclf.encoder import build_trainer
+
+        kind_args = {"labels": config["labels"]}
+    else:
+        from textclf.training import build_trainer
+
+        kind_args = {}
     ctx = ray.train.get_context()
     os.environ.update(config.get("env", {}))
     # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
@@ -48,6 +55,7 @@ def train_worker(config: dict[str, Any]) -> None:
         use_gpu=cfg.train.use_gpu,
         callbacks=[RayTrainReportCallback()],
         report_to=["mlflow"] if config.get("env") else [],
+        **kind_args,
     )
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
@@ -82,6 +90,20 @@ def storage_path(cfg: Config, run_dir: Path) -> str:
     return str(run_dir)
 
 
+def cpus_per_worker(t) -> float:
+    """The configured CPUs per training worker, or: 1 beside a GPU; else the cluster's CPUs shared out evenly,
+    capped at the largest node's, so that each worker's torch gets as many threads as it can use."""
+    if t.cpus_per_worker is not None:
+        return t.cpus_per_worker
+    if t.use_gpu:
+        return 1.0
+    import ray
+
+    per_node = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    total = sum(per_node)
+    return float(max(1, min(max(per_node, default=1), total // t.num_workers)))
+
+
 def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -96,11 +118,13 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         log.warning("MLflow tracking off: %s", e)
 
     t = cfg.train
+    cpus = cpus_per_worker(t)
+    log.info("%d training worker(s), %g CPU(s) each%s", t.num_workers, cpus, ", 1 GPU each" if t.use_gpu else "")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "env": env},
+        train_loop_config={"cfg": cfg.to_dict(), "env": env, "labels": list(prepared.fmt.labels)},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})}
         ),
         datasets=prepared.datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -133,6 +157,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
                 "step": metrics.get("step"),
                 "label_field": cfg.data.label_field,
                 "run": cfg.run.name,
+                "model_kind": cfg.model.model_kind,
             },
         )
     final_file = run_dir / "train_output.json"

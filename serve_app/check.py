@@ -56,7 +56,8 @@ async def load(url: str, texts: list[str], n: int, concurrency: int, model: Opti
         elapsed = time.perf_counter() - t0
     lat.sort()
     return {"requests": n, "concurrency": concurrency, "req_per_s": n / elapsed,
-            "p50_ms": 1000 * lat[len(lat) // 2], "p95_ms": 1000 * lat[int(len(lat) * 0.95) - 1]}
+            "p50_ms": 1000 * lat[len(lat) // 2], "p95_ms": 1000 * lat[int(len(lat) * 0.95) - 1],
+            "p99_ms": 1000 * lat[max(0, int(len(lat) * 0.99) - 1)]}
 
 
 def main(argv=None) -> None:

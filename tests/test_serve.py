@@ -10,64 +10,17 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
+from conftest import ONE_REPLICA, TEST_ARGS, our_vllm_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
-
-MARKER = f"TEXTCLF_SERVE_TEST={uuid.uuid4().hex}"  # in the environment of every process this module starts
-TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
-ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
-               "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
-
-
-def our_vllm_processes() -> list[int]:
-    """vLLM engine processes started by this module (found by the marker in their environment)."""
-    found = []
-    key = MARKER.encode()
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            env = (p / "environ").read_bytes()
-            name = (p / "comm").read_text() + (p / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if key in env.split(b"\0") and "VLLM" in name:
-            found.append(int(p.name))
-    return found
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-    from ray import serve
-
-    k, v = MARKER.split("=")
-    os.environ[k] = v
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {k: v, "PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    state = {"url": f"http://127.0.0.1:{port}", "shut": False}
-    yield state
-    if not state["shut"]:
-        serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
 
 @pytest.fixture(scope="module")
 def app(cluster, tiny_run):

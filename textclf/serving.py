@@ -19,7 +19,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from .export import META_FILE, latest_run, prompt_format, read_meta
+from .export import META_FILE, latest_run, model_kind, prompt_format, read_meta
 from .inference import ScoringPlan, parse_output, sampling_params, scoring_plan, top_k
 from .prompts import PromptFormat
 
@@ -108,6 +108,7 @@ class ServingPlan:
     enable_lora: bool
     max_loras: int
     max_lora_rank: int
+    runner: str = "generate"  # "pooling": an encoder classifier (vLLM's classify)
 
 
 def _adapter_folder(p: Path) -> Path:
@@ -132,6 +133,8 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
         for i, (name, path) in enumerate(cfg.adapters.items(), start=1):
             folder = _adapter_folder(project_path(path))
             meta = read_meta(folder)
+            if model_kind(meta) == "encoder":
+                raise ValueError(f"adapters: {name} is an encoder classifier; serve it merged, on its own (run: ...)")
             bases.add(meta["base_model"])
             specs[name] = ClassifierSpec(name, meta, str(folder), str(folder), i)
         if len(bases) != 1:
@@ -148,6 +151,9 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
             run_name = run.name
         meta = read_meta(folder)
         name = cfg.name or (run_name if NAME_RE.match(run_name) else "default")
+        if model_kind(meta) == "encoder" and meta["kind"] == "adapter":
+            raise ValueError(f"{folder}: an encoder classifier is served merged (vLLM has no LoRA for its head): "
+                             f"run `python -m ray_jobs.export` first")
         if meta["kind"] == "adapter":  # base + adapter (slower on CPU than a merged model)
             specs[name] = ClassifierSpec(name, meta, str(folder), str(folder), 1)
             engine_model = resolve_model(meta["base_model"], model_cache_dir)
@@ -162,9 +168,10 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
     rank = cfg.engine.max_lora_rank or (min(r for r in LORA_RANKS if r >= max(ranks)) if ranks else 16)
     # A prompt may use all of max_length (PromptFormat cuts long texts to it, as evaluation does): leave the engine
     # room for the label tokens after it.
-    max_len = max(prompt_format(s.meta).max_length for s in specs.values()) + LABEL_ROOM
-    return ServingPlan(engine_model, specs, default, max_len, enable_lora=bool(ranks), max_loras=max(1, len(ranks)),
-                       max_lora_rank=rank)
+    max_len = max(prompt_format(s.meta).max_length for s in specs.values())
+    encoder = any(model_kind(s.meta) == "encoder" for s in specs.values())  # one classifier: checked above
+    return ServingPlan(engine_model, specs, default, max_len + (0 if encoder else LABEL_ROOM), enable_lora=bool(ranks),
+                       max_loras=max(1, len(ranks)), max_lora_rank=rank, runner="pooling" if encoder else "generate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +253,8 @@ class EngineUnavailable(ServingError):
 
 
 class Engine(Protocol):
-    """What the core needs from an engine: one finished completion for a prompt of token ids."""
+    """What the core needs from an engine: one finished completion for a prompt of token ids (for an encoder,
+    given pooling params: the pooling output, class probabilities)."""
 
     async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any: ...
 
@@ -268,8 +276,22 @@ class _Loaded:
     spec: ClassifierSpec
     fmt: PromptFormat
     tokenizer: Any
-    plan: ScoringPlan
+    plan: Optional[ScoringPlan]  # None: an encoder
     params: Any
+
+    def encode(self, text: str):
+        if self.plan is None:
+            from .encoder import encode
+
+            return encode(self.tokenizer, self.fmt, text)
+        return self.fmt.encode(self.tokenizer, text)
+
+    def parse(self, out: Any) -> dict[str, Any]:
+        if self.plan is None:
+            from .encoder import result
+
+            return result(self.fmt.labels, out.data.tolist())
+        return parse_output(self.plan, out)
 
 
 class Classifiers:
@@ -286,6 +308,11 @@ class Classifiers:
 
                 tok = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
             fmt = prompt_format(spec.meta)
+            if model_kind(spec.meta) == "encoder":
+                from .encoder import pooling_params
+
+                self.loaded[name] = _Loaded(spec, fmt, tok, None, pooling_params())
+                continue
             sp = scoring_plan(fmt, tok)
             params = sampling_params(sp, max(len(x) for x in fmt.label_token_ids(tok)) + 1)
             self.loaded[name] = _Loaded(spec, fmt, tok, sp, params)
@@ -312,12 +339,12 @@ class Classifiers:
 
     async def _one(self, c: _Loaded, text: str, threshold: Optional[float]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        enc = c.fmt.encode(c.tokenizer, text)
+        enc = c.encode(text)
         try:
             out = await asyncio.wait_for(
                 self.engine.complete(enc.input_ids, c.params, uuid.uuid4().hex, c.spec), self.cfg.request_timeout_s
             )
-            r = parse_output(c.plan, out)
+            r = c.parse(out)
         except ServingError:
             raise
         except asyncio.TimeoutError as exc:

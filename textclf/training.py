@@ -29,6 +29,7 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
 
 
 def lora_config(cfg: Config):
+    """SEQ_CLS (the encoder kind): PEFT also trains the classification head (`classifier`/`score`) in full."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -36,16 +37,16 @@ def lora_config(cfg: Config):
         lora_alpha=cfg.lora.lora_alpha,
         lora_dropout=cfg.lora.lora_dropout,
         target_modules=list(cfg.lora.target_modules),
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if cfg.model.model_kind == "encoder" else TaskType.CAUSAL_LM,
     )
 
 
-def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = True, report_to: Sequence[str] = ()):
-    from trl import SFTConfig
-
+def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = True,
+                      report_to: Sequence[str] = ()) -> dict[str, Any]:
+    """The HF training arguments both kinds share (TRL's SFTConfig extends TrainingArguments)."""
     t = cfg.train
     precision = resolve_precision(t.precision, use_gpu)
-    return SFTConfig(
+    return dict(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=max(32, t.per_device_batch_size * 2),  # no gradients: larger batches share the prefix more
@@ -66,8 +67,6 @@ def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = Tru
         fp16=precision == "fp16",
         use_cpu=not use_gpu,
         gradient_checkpointing=t.gradient_checkpointing,
-        max_length=cfg.model.max_length,
-        completion_only_loss=True,  # loss on the label tokens only
         report_to=list(report_to),
         run_name=cfg.run.name,
         seed=t.seed,
@@ -75,6 +74,16 @@ def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = Tru
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         save_only_model=False,  # optimizer and scheduler state, so a resumed run continues its schedule
+    )
+
+
+def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = True, report_to: Sequence[str] = ()):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_arguments(cfg, output_dir, use_gpu, has_eval, report_to),
+        max_length=cfg.model.max_length,
+        completion_only_loss=True,  # loss on the label tokens only
     )
 
 
@@ -99,7 +108,7 @@ class ProgressCallback(TrainerCallback):
         self.start = time.time()
         self.first_step = state.global_step  # a resumed run starts past 0
         if state.is_world_process_zero:
-            self.printer(f"[train] start: world_size {args.world_size}, step {state.global_step}/{state.max_steps}, "
+            self.printer(f"[train] start: world_size {args.world_size}, {torch.get_num_threads()} threads, step {state.global_step}/{state.max_steps}, "
                          f"{args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
                          f"examples per step", flush=True)
 
@@ -109,7 +118,7 @@ class ProgressCallback(TrainerCallback):
         done = state.global_step - self.first_step
         elapsed = time.time() - self.start
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy", "learning_rate"):
+        for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy", "eval_accuracy", "learning_rate"):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4g}")
         parts.append(f"elapsed {elapsed:.0f}s")

@@ -1,0 +1,97 @@
+"""The encoder kind's pieces that need no Ray and no engine: per-kind defaults, tokenization and truncation, label ids,
+the mapping of vLLM's class probabilities, the serving plan."""
+import json
+
+import numpy as np
+import pytest
+
+from textclf.config import load_config
+from textclf.prompts import PromptFormat
+
+LABELS = ("banking", "travel", "work")
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    from transformers import AutoTokenizer
+
+    from textclf.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("all-minilm-l6-v2"))
+
+
+def test_kind_defaults_and_overrides():
+    gen = load_config()
+    assert gen.model.model_kind == "generative" and gen.model.model == "smollm2-135m-instruct"
+    assert "q_proj" in gen.lora.target_modules
+    enc = load_config(overrides={"model-kind": "encoder"})
+    assert enc.model.model == "all-minilm-l6-v2" and enc.lora.target_modules == ["query", "key", "value", "dense"]
+    assert enc.model.max_length == 64 and enc.train.max_steps == -1
+    given = load_config(overrides={"model.model_kind": "encoder", "model": "some/bert", "max-steps": "7",
+                                   "target_modules": "query,value"})
+    assert given.model.model == "some/bert" and given.train.max_steps == 7
+    assert given.lora.target_modules == ["query", "value"]
+
+
+def test_kind_from_yaml_and_bad_kind(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  model_kind: encoder\ntrain:\n  learning_rate: 0.01\n")
+    cfg = load_config(str(f))
+    assert cfg.model.model == "all-minilm-l6-v2" and cfg.train.learning_rate == 0.01
+    with pytest.raises(ValueError, match="model_kind"):
+        load_config(overrides={"model_kind": "seq2seq"})
+
+
+def test_encode_plain_text_and_truncation(bert_tokenizer):
+    from textclf.encoder import encode
+
+    fmt = PromptFormat(labels=LABELS, max_length=8)
+    short = encode(bert_tokenizer, fmt, "Hello world")
+    assert short.input_ids[0] == bert_tokenizer.cls_token_id and short.input_ids[-1] == bert_tokenizer.sep_token_id
+    assert not short.truncated and bert_tokenizer.decode(short.input_ids[1:-1]) == "hello world"
+    cut = encode(bert_tokenizer, fmt, "one two three four five six seven eight nine ten")
+    assert cut.truncated and len(cut.input_ids) == 8 and cut.input_ids[-1] == bert_tokenizer.sep_token_id
+
+
+def test_tokenize_stage_gives_label_ids_from_the_format(bert_tokenizer):
+    from ray_jobs.prepare import Tokenize
+
+    fmt = PromptFormat(labels=LABELS, max_length=64)
+    stage = Tokenize("all-minilm-l6-v2", None, fmt.to_dict(), kind="encoder")
+    out = stage({"text": np.array(["book a flight", "what is my balance"]), "label": np.array(["travel", "banking"])})
+    assert out["label_id"].tolist() == [1, 0]
+    assert "completion_mask" not in out and out["truncated"].tolist() == [False, False]
+    assert out["n_tokens"].tolist() == [len(x) for x in out["input_ids"]]
+
+
+def test_label_maps_and_result():
+    from textclf.encoder import label_maps, result
+
+    maps = label_maps(LABELS)
+    assert maps["num_labels"] == 3 and maps["id2label"][2] == "work" and maps["label2id"]["travel"] == 1
+    r = result(LABELS, [0.1, 0.7, 0.2])
+    assert r["label"] == "travel" and r["confidence"] == 0.7 and r["scores"] == {"banking": 0.1, "travel": 0.7, "work": 0.2}
+    with pytest.raises(RuntimeError, match="2 classes for 3 labels"):
+        result(LABELS, [0.5, 0.5])
+
+
+def _exported(folder, kind):
+    folder.mkdir(parents=True)
+    fmt = PromptFormat(labels=LABELS, max_length=64)
+    meta = {"kind": kind, "model_kind": "encoder", "base_model": "all-minilm-l6-v2", "labels": list(LABELS),
+            "prompt": fmt.to_dict()}
+    (folder / "classifier.json").write_text(json.dumps(meta))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 16}))
+
+
+def test_serving_plan_for_an_encoder(tmp_path):
+    from textclf.serving import ServeConfig, resolve_plan
+
+    _exported(tmp_path / "run" / "merged", "merged")
+    plan = resolve_plan(ServeConfig(run=str(tmp_path / "run")))
+    assert plan.runner == "pooling" and plan.max_model_len == 64 and not plan.enable_lora
+    _exported(tmp_path / "only_adapter" / "adapter", "adapter")
+    with pytest.raises(ValueError, match="served merged"):
+        resolve_plan(ServeConfig(run=str(tmp_path / "only_adapter")))
+    with pytest.raises(ValueError, match="encoder classifier"):
+        resolve_plan(ServeConfig(adapters={"a": str(tmp_path / "only_adapter")}))
