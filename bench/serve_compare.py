@@ -1,0 +1,221 @@
+"""Benchmark, not a test: the Serve ingress against vLLM's own server and a naive wrapper, in one run, on the same
+model, the same requests (the bundled test split) and the same load generator (bench.loadtest, closed loop).
+
+    python -m bench.serve_compare --model tiny-random-llama [--concurrency 48] [--duration 20]
+    python -m bench.serve_compare --model smollm2-135m-instruct
+    python -m bench.serve_compare --model runs/<name>          # a trained run's merged model
+    make bench-serve ARGS="--model tiny-random-llama"
+
+(a) vllm_server: `python -m vllm.entrypoints.openai.api_server` with the engine settings the Serve app uses
+    (textclf.inference.engine_kwargs), the same one-step classification through /v1/completions (the classifier's
+    prompt, max_tokens 1, logprob_token_ids = the labels' first tokens), its engine on the same cores, no access
+    log (the app has none either).
+(b) naive_wrapper: bench/naive_wrapper.py (FastAPI + the sync OpenAI client, 5 free tokens, parsed) in front of (a).
+(c) ingress: our Serve app (serve_app/config.yaml, one replica) in a local Ray with the serving environment
+    (serve_app.local.SERVE_ENV: direct ingress), requests to the replica's own port; also measured through the
+    Serve proxy (ingress_via_proxy) for reference.
+The servers run one after the other, never together (2 cores). Prints a table; writes
+bench/results/serve-<model>.json (summaries) and bench/results/serve-<model>/<server>.json|png (timelines).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from bench.loadtest import RESULTS, measure, openai_target, test_texts, textclf_target
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED_NAME = "clf"
+
+
+def classifier_folder(model: str) -> str:
+    """A run folder's merged/ model, or a base model (alias or path) with the bundled task's labels."""
+    run = Path(model)
+    if (run / "merged" / "classifier.json").exists():
+        return str(run / "merged")
+    from textclf.config import load_config
+    from textclf.export import base_classifier
+    from textclf.prompts import format_from_config
+    from textclf.sources import load_splits
+
+    cfg = load_config()
+    return str(base_classifier(model, format_from_config(cfg.model, load_splits(cfg.data).labels)))
+
+
+def serve_args(overrides: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "serve_app" / "config.yaml").read_text())
+    return {**(conf["applications"][0].get("args") or {}), **overrides}
+
+
+def engine_cli(folder: str, args: dict[str, Any]) -> list[str]:
+    """vLLM server flags for the engine the Serve app builds from the same configuration."""
+    from textclf.inference import engine_kwargs
+    from textclf.serving import ServeConfig, resolve_plan
+
+    cfg = ServeConfig.model_validate({**args, "model_dir": folder, "run": None})
+    plan = resolve_plan(cfg)
+    kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=cfg.engine.max_num_seqs,
+                       kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization)
+    kw["disable_log_stats"] = True
+    flags = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if v is True:
+            flags.append(flag)
+        elif v is not False and v is not None:
+            flags += [flag, str(v)]
+    return flags
+
+
+class Proc:
+    """A server subprocess in its own session (so the whole group stops together), logging to a file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path):
+        self.name, self.log = name, log_dir / f"{name}.log"
+        self.p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=open(self.log, "w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_http(self, url: str, timeout: float = 240.0) -> None:
+        import httpx
+
+        t_end = time.time() + timeout
+        while time.time() < t_end:
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.p.returncode}); log {self.log}:\n"
+                                   + self.log.read_text()[-3000:])
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} not up after {timeout}s; log {self.log}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+
+
+def engine_cores(args: dict[str, Any]) -> str:
+    """The cores the Serve replica's engine takes (cpu_binding "slot": the first free `cores_per_replica`)."""
+    if args.get("cpu_binding", "slot") != "slot":
+        return args["cpu_binding"]
+    n = args.get("cores_per_replica") or 1
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))[:n]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-random-llama", help="alias, model path, or a run folder")
+    ap.add_argument("--concurrency", type=int, default=48)
+    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
+    ap.add_argument("--warmup", type=float, default=5.0, help="unrecorded seconds of load before each")
+    ap.add_argument("--only", default="vllm_server,naive_wrapper,ingress,ingress_via_proxy",
+                    help="comma-separated subset of the servers")
+    ap.add_argument("--tag", default="", help="suffix of the result names (repeated runs)")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="KEY=JSON",
+                    help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'")
+    ap.add_argument("--deployment", default="{}", help="JSON overrides of the deployment options")
+    a = ap.parse_args()
+    only = set(a.only.split(","))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    folder = classifier_folder(a.model)
+    slug = Path(a.model.rstrip("/")).name.lower() + (f"-{a.tag}" if a.tag else "")
+    out_dir = RESULTS / f"serve-{slug}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
+    deployment = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+                  **json.loads(a.deployment)}
+    texts = test_texts()
+    load = dict(concurrency=a.concurrency, duration=a.duration, warmup=a.warmup)
+    results: dict[str, Any] = {}
+    cores = engine_cores(args)
+
+    def run(name: str, target) -> None:
+        print(f"--- {name}: {target.url}", flush=True)
+        r = measure(target, name, out_dir, **load)
+        r.pop("timeline", None)
+        results[name] = r
+        print(f"    {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}, "
+              f"client CPU {r['client_cpu_pct_of_core']} % of a core", flush=True)
+
+    t_start = time.time()
+    from serve_app.local import LocalServe, free_port, ingress_urls, wait_no_vllm
+
+    if only & {"vllm_server", "naive_wrapper"}:
+        port = free_port()
+        vllm = Proc("vllm_server", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+                                    "--port", str(port), "--served-model-name", SERVED_NAME,
+                                    "--disable-uvicorn-access-log", *engine_cli(folder, args)],
+                    {"VLLM_CPU_OMP_THREADS_BIND": cores}, out_dir)
+        try:
+            vllm.wait_http(f"http://127.0.0.1:{port}/health")
+            if "vllm_server" in only:
+                run("vllm_server", openai_target(f"http://127.0.0.1:{port}", texts, folder, SERVED_NAME))
+            if "naive_wrapper" in only:
+                wport = free_port()
+                naive = Proc("naive_wrapper", [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host",
+                                               "127.0.0.1", "--port", str(wport), "--log-level", "warning"],
+                             {"NAIVE_UPSTREAM": f"http://127.0.0.1:{port}/v1", "NAIVE_MODEL": SERVED_NAME,
+                              "NAIVE_CLASSIFIER_DIR": folder, "PYTHONPATH": str(ROOT)}, out_dir)
+                try:
+                    naive.wait_http(f"http://127.0.0.1:{wport}/docs", timeout=60)
+                    run("naive_wrapper", textclf_target(f"http://127.0.0.1:{wport}", texts))
+                finally:
+                    naive.stop()
+        finally:
+            vllm.stop()
+        wait_no_vllm()
+
+    if only & {"ingress", "ingress_via_proxy"}:
+        di = free_port()
+        with LocalServe(di_ports=(di, di + 20)) as cluster:
+            from serve_app.app import app_from_config  # imports ray.serve, which reads the environment just set
+
+            t0 = time.time()
+            cluster.run(app_from_config(deployment_overrides=deployment, **{**args, "model_dir": folder, "run": None}))
+            print(f"    Serve app up in {time.time() - t0:.0f} s", flush=True)
+            urls = ingress_urls() or [cluster.proxy_url]
+            if "ingress" in only:
+                run("ingress", textclf_target(urls[0], texts))
+            if "ingress_via_proxy" in only:
+                run("ingress_via_proxy", textclf_target(cluster.proxy_url, texts))
+
+    summary = {"model": a.model, "classifier_dir": folder, "concurrency": a.concurrency, "duration_s": a.duration,
+               "warmup_s": a.warmup, "engine_cores": cores, "serve_args": args, "deployment": deployment,
+               "wall_s": round(time.time() - t_start, 1), **results}
+    if "ingress" in results:
+        c = results["ingress"]["rps"]
+        summary["ratios"] = {k: round(c / results[v]["rps"], 2) for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
+                             if results.get(v, {}).get("rps")}
+    path = RESULTS / f"serve-{slug}.json"
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"\n{a.model}, {a.concurrency} concurrent, {a.duration:.0f} s each (after {a.warmup:.0f} s warm-up)")
+    print(f"| server | req/s | p50 ms | p99 ms | errors | client CPU % |\n|---|---|---|---|---|---|")
+    for k in ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy"):
+        if k in results:
+            r = results[k]
+            print(f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['client_cpu_pct_of_core']} |")
+    for k, v in summary.get("ratios", {}).items():
+        print(f"{k} (ingress / {'vLLM server' if k == 'c/a' else 'naive wrapper'}): {v}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

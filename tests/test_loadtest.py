@@ -1,0 +1,94 @@
+"""The load tester against a small real HTTP server (aiohttp, in-process): request counting, stop conditions,
+errors by status, labels, the open loop's pacing, the JSON and PNG it writes."""
+import asyncio
+import json
+
+import pytest
+from aiohttp import web
+
+from bench.loadtest import Target, measure, run_load, summarize, textclf_target, timeline
+
+
+async def _server(fail_every: int = 0):
+    seen = {"n": 0}
+
+    async def classify(request):
+        body = await request.json()
+        seen["n"] += 1
+        if fail_every and seen["n"] % fail_every == 0:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"label": "long" if len(body["text"]) > 5 else "short"})
+
+    app = web.Application()
+    app.router.add_post("/classify", classify)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}", seen
+
+
+def test_closed_loop_counts_labels_and_errors():
+    async def go():
+        runner, url, seen = await _server(fail_every=10)
+        try:
+            target = textclf_target(url, ["hi", "a longer text"])
+            rec, wall, cpu = await run_load(target, concurrency=4, duration=30, requests=50, warmup=0, progress=0)
+        finally:
+            await runner.cleanup()
+        return rec, wall, cpu, seen["n"]
+
+    rec, wall, cpu, served = asyncio.run(go())
+    s = summarize(rec, wall, cpu)
+    assert s["requests"] == 50 == served  # stopped by the request count, long before the duration
+    assert s["errors_by_status"] == {"503": 5} and s["ok"] == 45
+    assert sum(s["labels"].values()) == 45 and set(s["labels"]) == {"short", "long"}
+    assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert s["rps"] == pytest.approx(45 / wall, rel=1e-3)
+
+
+def test_open_loop_paces_requests_and_counts_refused_connections():
+    async def go():
+        runner, url, _ = await _server()
+        try:
+            rec, wall, _ = await run_load(textclf_target(url, ["x"]), rate=200, duration=1.0, warmup=0, progress=0)
+            refused = Target("http://127.0.0.1:9/classify", [b"{}"], lambda b: None)  # nothing listens on port 9
+            bad, _, _ = await run_load(refused, concurrency=2, duration=5, requests=4, warmup=0, progress=0)
+        finally:
+            await runner.cleanup()
+        return rec, bad
+
+    rec, bad = asyncio.run(go())
+    assert 180 <= len(rec.latency) <= 201  # ~200 started in one second at an even pace
+    gaps = [b - a for a, b in zip(rec.start, rec.start[1:])]
+    assert max(gaps) < 0.05
+    assert len(bad.status) == 4 and all(s != "200" for s in bad.status)
+    assert sum(timeline(rec)["rps"]) == len(rec.latency)
+
+
+def test_measure_writes_json_and_plot(tmp_path):
+    import threading
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        holder["runner"], holder["url"], _ = loop.run_until_complete(_server())
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    ready.wait(10)
+    try:
+        r = measure(textclf_target(holder["url"], ["one", "two words"]), "t", tmp_path, concurrency=2, duration=0.5,
+                    warmup=0.2, progress=0)
+    finally:
+        asyncio.run_coroutine_threadsafe(holder["runner"].cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["ok"] == r["ok"] > 0 and saved["errors"] == 0 and saved["timeline"]["rps"]
+    assert (tmp_path / "t.png").stat().st_size > 1000
