@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bench.loadtest import RESULTS, measure, openai_target, test_texts, textclf_target
 
@@ -207,7 +207,7 @@ def main() -> None:
     path = RESULTS / f"serve-{slug}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"\n{a.model}, {a.concurrency} concurrent, {a.duration:.0f} s each (after {a.warmup:.0f} s warm-up)")
-    print(f"| server | req/s | p50 ms | p99 ms | errors | client CPU % |\n|---|---|---|---|---|---|")
+    print("| server | req/s | p50 ms | p99 ms | errors | client CPU % |\n|---|---|---|---|---|---|")
     for k in ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy"):
         if k in results:
             r = results[k]
