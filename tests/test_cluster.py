@@ -154,7 +154,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     assert "SUCCEEDED" in st, st + log[-6000:]
     assert "[train] resuming from" in log, log[-6000:]
     after = log[log.index("[train] resuming from"):]
-    resumed_at = int(re.search(r"\[train\] start: world_size 2, step (\d+)/10", after).group(1))
+    resumed_at = int(re.search(r"\[train\] start: world_size 2, \d+ threads, step (\d+)/10", after).group(1))
     assert resumed_at >= killed_after >= 2  # the global step continues from a checkpoint, not from 0
     later = [int(s) for s in re.findall(r"step (\d+)/10", after.split("[train] start", 1)[1])]
     assert later and min(later) > resumed_at and max(later) == 10
