@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def train_worker(config: dict[str, Any]) -> None:
     # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
     train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
     eval_rows = list(ray.train.get_dataset_shard("validation").iter_rows())
-    output_dir = Path(tempfile.gettempdir()) / f"textclf-{cfg.run.name}-rank{ctx.get_world_rank()}"
+    # A fresh folder per attempt: RayTrainReportCallback reports the highest-numbered checkpoint-N it finds there,
+    # so a stale one from an earlier run of the same name (or a killed attempt) would be reported as this step's.
+    output_dir = Path(tempfile.mkdtemp(prefix=f"textclf-{cfg.run.name}-rank{ctx.get_world_rank()}-"))
     trainer = build_trainer(
         cfg,
         resolve_model(cfg.model.model, cfg.model.model_cache_dir),
@@ -68,6 +71,7 @@ def train_worker(config: dict[str, Any]) -> None:
             output = trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
     else:
         output = trainer.train()
+    shutil.rmtree(output_dir, ignore_errors=True)  # Ray Train holds the checkpoints that count
     # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
     ray.train.report({**{f"final_{k}": v for k, v in output.metrics.items()},
                       "node_id": ray.get_runtime_context().get_node_id()})
