@@ -75,6 +75,20 @@ ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "tar
                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
 
 
+def shutdown_serve(cluster, timeout: float = 60) -> list[int]:
+    """Shut Serve down and wait for the engines to exit; the vLLM processes still left after `timeout`."""
+    import time
+
+    from ray import serve
+
+    serve.shutdown()
+    cluster["shut"] = True
+    deadline = time.time() + timeout
+    while our_vllm_processes() and time.time() < deadline:
+        time.sleep(1)
+    return our_vllm_processes()
+
+
 def our_vllm_processes() -> list[int]:
     """vLLM engine processes started by the serve tests (found by the marker in their environment)."""
     found = []

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from conftest import DOMAINS, ONE_REPLICA, TEST_ARGS, our_vllm_processes, run_step
+from conftest import DOMAINS, ONE_REPLICA, TEST_ARGS, our_vllm_processes, run_step, shutdown_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -99,12 +99,5 @@ def test_encoder_served_predictions_match_evaluation(encoder_app, encoder_pipeli
 
 
 def test_encoder_shutdown_leaves_no_vllm_processes(cluster, encoder_app):
-    from ray import serve
-
     assert our_vllm_processes(), "expected a running engine before shutdown"
-    serve.shutdown()
-    cluster["shut"] = True
-    deadline = time.time() + 60
-    while our_vllm_processes() and time.time() < deadline:
-        time.sleep(1)
-    assert our_vllm_processes() == []
+    assert shutdown_serve(cluster) == []

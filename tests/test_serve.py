@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ONE_REPLICA, TEST_ARGS, our_vllm_processes
+from conftest import ONE_REPLICA, TEST_ARGS, our_vllm_processes, shutdown_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
@@ -218,12 +218,5 @@ def test_two_adapters(lora_app, labels):
 
 
 def test_shutdown_leaves_no_vllm_processes(cluster):
-    from ray import serve
-
     assert our_vllm_processes(), "expected a running engine before shutdown"
-    serve.shutdown()
-    cluster["shut"] = True
-    deadline = time.time() + 60
-    while our_vllm_processes() and time.time() < deadline:
-        time.sleep(1)
-    assert our_vllm_processes() == []
+    assert shutdown_serve(cluster) == []
