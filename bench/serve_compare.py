@@ -49,6 +49,11 @@ def classifier_folder(model: str) -> str:
     return str(base_classifier(model, format_from_config(cfg.model, load_splits(cfg.data).labels)))
 
 
+def result_path(model: str, tag: str = "") -> Path:
+    """bench/results/serve-<model folder name>[-<tag>].json"""
+    return RESULTS / f"serve-{Path(model.rstrip('/')).name.lower()}{f'-{tag}' if tag else ''}.json"
+
+
 def serve_args(overrides: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
@@ -136,8 +141,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     folder = classifier_folder(a.model)
-    slug = Path(a.model.rstrip("/")).name.lower() + (f"-{a.tag}" if a.tag else "")
-    out_dir = RESULTS / f"serve-{slug}"
+    path = result_path(a.model, a.tag)
+    out_dir = path.with_suffix("")
     out_dir.mkdir(parents=True, exist_ok=True)
     args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
     deployment = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
@@ -204,7 +209,6 @@ def main() -> None:
         c = results["ingress"]["rps"]
         summary["ratios"] = {k: round(c / results[v]["rps"], 2) for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
                              if results.get(v, {}).get("rps")}
-    path = RESULTS / f"serve-{slug}.json"
     path.write_text(json.dumps(summary, indent=1))
     print(f"\n{a.model}, {a.concurrency} concurrent, {a.duration:.0f} s each (after {a.warmup:.0f} s warm-up)")
     print("| server | req/s | p50 ms | p99 ms | errors | client CPU % |\n|---|---|---|---|---|---|")

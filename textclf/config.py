@@ -106,6 +106,7 @@ class TrainConfig:
     placement_strategy: str = "PACK"  # SPREAD puts the workers on different nodes where it can
     gradient_checkpointing: bool = False
     share_prompt_prefix: bool = True  # compute the batch's common prompt prefix once (same loss, ~2.8x faster on CPU)
+    group_by_length: bool = True  # batches of rows of similar length, in random order: less padding to compute
     seed: int = 42
 
 
