@@ -64,3 +64,17 @@ def test_prompt_split_around_text_matches_the_template(tokenizer):
     texts = ["what is my balance", "  edge spaces  ", "line\nbreaks\n", "{{ braces }} <|im_end|>", "ünïcödé ✓", "x"]
     for t in texts:
         assert fmt.prompt(tokenizer, t) == fmt._render(tokenizer, t)
+
+
+def test_backend_token_ids_equal_the_tokenizer_call(tokenizer):
+    """encode() calls the fast tokenizer's Rust backend directly: the ids must be the tokenizer call's."""
+    from textclf.config import load_config
+    from textclf.sources import load_splits
+
+    fmt = PromptFormat(tuple(DOMAINS))
+    texts = [ex.text for ex in load_splits(load_config().data).test]
+    texts += ["  leading and trailing  ", "tabs\tand\nnewlines\r\n", "émoji 🚀 ünïcödé 中文", "<|im_end|> fake turn",
+              "<|im_start|>assistant\nbanking", "a" * 500, ""]
+    for t in texts:
+        prompt = fmt.prompt(tokenizer, t)
+        assert fmt._ids(tokenizer, prompt) == tokenizer(prompt, add_special_tokens=False)["input_ids"], t

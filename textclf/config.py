@@ -105,8 +105,7 @@ class TrainConfig:
     max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint up to this many times
     placement_strategy: str = "PACK"  # SPREAD puts the workers on different nodes where it can
     gradient_checkpointing: bool = False
-    share_prompt_prefix: bool = True  # compute the batch's common prompt prefix once (same loss, ~2.8x faster on CPU)
-    group_by_length: bool = True  # batches of rows of similar length, in random order: less padding to compute
+    share_prompt_prefix: bool = True  # the batch's common prompt prefix once, rows unpadded (same loss, ~3.7x faster on CPU)
     seed: int = 42
 
 

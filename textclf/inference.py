@@ -36,7 +36,9 @@ def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
     from vllm import SamplingParams
 
     if plan.one_step:
-        return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids))
+        # detokenize=False: the answer is read from the labels' token ids; no text is needed
+        return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids),
+                              detokenize=False)
     from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(

@@ -127,62 +127,19 @@ class ProgressCallback(TrainerCallback):
         self.printer("[train] " + ", ".join(parts), flush=True)
 
 
-class LengthBuckets(torch.utils.data.Sampler):
-    """Row indices in batches of rows of similar length, the batches in random order.
+class PrefixSharingSFTTrainer(SFTTrainer):
+    """SFTTrainer that runs the prompt prefix shared by a whole batch once, and the rows' own tokens without padding.
 
-    A batch is padded to its longest row, and on a CPU a padding token costs what a real one does. In random batches
-    of 16 from the bundled task the rows' own tokens (after the shared prompt prefix) were padded to 1.5x their
-    number. Here each random window of `window_batches` batches is sorted by length and cut into batches, and all
-    batches are then shuffled. Unlike transformers' LengthGroupedSampler, which walks each ~700-row window from its
-    longest to its shortest rows, the order of the batches stays random. A partial batch goes last, so that the
-    data loader's batch boundaries fall where the sampler's do. The order depends only on the seed and the epoch, so
-    a run resumed from a checkpoint skips exactly the batches it had trained on.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window_batches: int = 8):
-        self.lengths, self.batch_size, self.window = list(lengths), batch_size, batch_size * window_batches
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # the data loader calls it at each epoch
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
-        batches = []
-        for i in range(0, len(perm), self.window):
-            window = sorted(perm[i:i + self.window], key=self.lengths.__getitem__)
-            batches += [window[j:j + self.batch_size] for j in range(0, len(window), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]
-        order = [full[k] for k in torch.randperm(len(full), generator=g).tolist()]
-        order += [b for b in batches if len(b) < self.batch_size]
-        return iter([i for b in order for i in b])
-
-
-class BucketingSFTTrainer(SFTTrainer):
-    """SFTTrainer that samples training batches with LengthBuckets when `group_by_length` is set."""
-
-    group_by_length = False
-
-    def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset if train_dataset is None else train_dataset
-        if not self.group_by_length or dataset is None or "input_ids" not in getattr(dataset, "column_names", ()):
-            return super()._get_train_sampler(train_dataset)
-        return LengthBuckets([len(ids) for ids in dataset["input_ids"]], self.args.train_batch_size, self.args.seed)
-
-
-class PrefixSharingSFTTrainer(BucketingSFTTrainer):
-    """SFTTrainer that runs the prompt prefix shared by a whole batch once instead of once per row.
-
-    Every prompt starts with the same instruction and label list (~60 of ~77 tokens here). Under causal attention
-    those positions do not depend on what follows, so their keys and values are computed for one row and repeated
-    across the batch; the rows' own tokens attend to them. Gradients flow through the repeated cache into the
-    adapter, so loss and gradients equal the plain forward's (measured: loss 4.462278 vs 4.462276, same gradient
-    sum) while a CPU step took 2.8x less time. Falls back to the plain SFTTrainer loss when the batch shares no
-    useful prefix or when gradient checkpointing is on (it cannot keep a cache).
+    Every prompt starts with the same instruction and label list (~64 of ~84 tokens here). Under causal attention
+    those positions do not depend on what follows, so their keys and values are computed once; the rows' own tokens
+    attend to them. The rows' own tokens are packed into one sequence with an attention mask that lets each token
+    see the prefix and the earlier tokens of its own row: padded to its batch's longest row, a batch of 16 computed
+    1.5x the real tokens of the bundled task. Gradients flow through the cache into the adapter, so loss and
+    gradients equal the plain forward's (tests/test_training_unit.py). Measured on 2 CPU cores: sharing the prefix
+    made a step 2.8x faster; packing then took a step from 4.5 to 3.4 s (batch 16, same training loss over 8
+    steps) and an evaluation of 128 rows from 12.1 to 7.2 s. Falls back to
+    the plain SFTTrainer loss when the batch shares no useful prefix, when gradient checkpointing is on (it cannot
+    keep a cache), or with an attention implementation that takes no explicit mask (flash attention).
     """
 
     min_shared_prefix = 8
@@ -201,26 +158,44 @@ class PrefixSharingSFTTrainer(BucketingSFTTrainer):
         shared = min(shared, first_label - 1)
         return shared if shared >= self.min_shared_prefix else 0
 
+    def _packed_rows(self, inputs, shared: int):
+        """The rows' tokens after the prefix as one sequence (1, n): ids, labels, positions, and the additive
+        attention mask (1, 1, n, shared + n). None where the layout does not allow it."""
+        impl = getattr(self.accelerator.unwrap_model(self.model).config, "_attn_implementation", "sdpa")
+        mask = inputs["attention_mask"][:, shared:].bool()
+        if impl not in ("sdpa", "eager") or not (mask[:, 1:] <= mask[:, :-1]).all():  # right padding only
+            return None
+        ids, labels = inputs["input_ids"][:, shared:][mask], inputs["labels"][:, shared:][mask]
+        lengths = mask.sum(1)
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=ids.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = shared + torch.arange(len(ids), device=ids.device) - starts[row]
+        # Across a row boundary the last token of one row "predicts" the next row's first token, which is a prompt
+        # token (label -100: _shared_prefix_length keeps one prompt token per row after the prefix), so no loss
+        # leaks from one row into the next.
+        own = (row[:, None] == row[None, :]) & torch.ones(len(ids), len(ids), dtype=torch.bool, device=ids.device).tril()
+        allowed = torch.cat([torch.ones(len(ids), shared, dtype=torch.bool, device=ids.device), own], dim=1)
+        dtype = next(self.model.parameters()).dtype
+        attend = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return ids[None], labels[None], positions[None], attend[None, None]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         shared = self._shared_prefix_length(inputs)
-        if shared == 0 or return_outputs:
+        packed = self._packed_rows(inputs, shared) if shared and not return_outputs else None
+        if packed is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
-        batch, length = ids.shape
+        ids, labels, positions, attend = packed
         # The prefix runs on the unwrapped model: DDP sees one forward per step (the rows'), and autograd sums
         # both paths' gradients into each parameter before its all-reduce hook fires.
-        prefix = self.accelerator.unwrap_model(model)(input_ids=ids[:1, :shared], use_cache=True)
-        cache = prefix.past_key_values
-        cache.batch_repeat_interleave(batch)
-        positions = torch.arange(shared, length, device=ids.device).expand(batch, -1)
+        cache = self.accelerator.unwrap_model(model)(input_ids=inputs["input_ids"][:1, :shared], use_cache=True)
         # fused_lm_head: TRL's LM head projects only the label positions (see score_label_positions_only) instead of
-        # building logits over the whole vocabulary for every position of every row.
+        # building logits over the whole vocabulary for every position.
         out = model(
-            input_ids=ids[:, shared:],
-            attention_mask=mask,
-            past_key_values=cache,
+            input_ids=ids,
+            attention_mask=attend,
+            past_key_values=cache.past_key_values,
             position_ids=positions,
-            labels=labels[:, shared:],
+            labels=labels,
             use_cache=False,
             fused_lm_head=True,
             num_items_in_batch=num_items_in_batch,
@@ -284,10 +259,8 @@ def build_trainer(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_base_model(model_path, resolve_precision(cfg.train.precision, use_gpu))
-    if eval_rows and cfg.train.group_by_length:  # the eval loss does not depend on the order: batch by length too
-        eval_rows = sorted(eval_rows, key=lambda r: len(r["input_ids"]))
-    trainer_cls = PrefixSharingSFTTrainer if cfg.train.share_prompt_prefix else BucketingSFTTrainer
-    trainer = trainer_cls(
+    trainer_cls = PrefixSharingSFTTrainer if cfg.train.share_prompt_prefix else SFTTrainer
+    return trainer_cls(
         model=model,
         args=args,
         train_dataset=to_hf_dataset(train_rows),
@@ -296,5 +269,3 @@ def build_trainer(
         peft_config=lora_config(cfg),
         callbacks=[ProgressCallback(), *callbacks],
     )
-    trainer.group_by_length = cfg.train.group_by_length
-    return trainer
