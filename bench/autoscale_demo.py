@@ -1,6 +1,6 @@
 """Demo, not a test: Serve autoscaling under a load that goes up and down (a few minutes).
 
-    python -m bench.autoscale_demo [--model tiny-random-llama] [--high 48] [--high-s 100] [--low-s 70]
+    python -m bench.autoscale_demo [--model tiny-random-llama] [--high 16] [--high-s 180] [--tail-s 50]
     make autoscale-demo
 
 Starts the Serve app (serve_app/config.yaml; min 1, max 2 replicas of 1 CPU each, each engine on its own core
@@ -69,10 +69,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-random-llama")
     ap.add_argument("--low", type=int, default=2, help="concurrent requests in the quiet phases")
-    ap.add_argument("--high", type=int, default=48, help="concurrent requests in the busy phase")
+    ap.add_argument("--high", type=int, default=16, help="concurrent requests in the busy phase (2x the target)")
     ap.add_argument("--low-s", type=float, default=20, help="seconds of the first quiet phase")
-    ap.add_argument("--high-s", type=float, default=100)
-    ap.add_argument("--tail-s", type=float, default=70, help="seconds of the last quiet phase (scale-down)")
+    # A second engine starting on 2 cores that the first replica and the load already saturate took ~140 s
+    ap.add_argument("--high-s", type=float, default=180)
+    ap.add_argument("--tail-s", type=float, default=50, help="seconds of the last quiet phase (scale-down)")
     ap.add_argument("--target", type=float, default=8, help="target_ongoing_requests per replica")
     ap.add_argument("--upscale-delay", type=float, default=5)
     ap.add_argument("--downscale-delay", type=float, default=20)
