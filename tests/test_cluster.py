@@ -157,8 +157,11 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     assert ended and ended.group(1) == "succeeded", st + log[-6000:]
     assert "[train] resuming from" in log, log[-6000:]
     after = log[log.index("[train] resuming from"):]
-    resumed_at = int(re.search(r"\[train\] start: world_size 2, \d+ threads, step (\d+)/10", after).group(1))
+    start = re.search(r"\[train\] start: world_size 2, \d+ threads, step (\d+)/10.*\n", after)
+    assert start, after[-6000:]
+    resumed_at = int(start.group(1))
     assert resumed_at >= killed_after >= 2  # the global step continues from a checkpoint, not from 0
-    later = [int(s) for s in re.findall(r"step (\d+)/10", after.split("[train] start", 1)[1])]
+    # the progress lines after the resumed start line (which names the start step itself)
+    later = [int(s) for s in re.findall(r"\[train\] step (\d+)/10", after[start.end():])]
     assert later and min(later) > resumed_at and max(later) == 10
     assert max(_steps(ckpt_dir)) == 10
