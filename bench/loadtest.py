@@ -11,7 +11,8 @@ first, after `--warmup` seconds that are not recorded. Texts are the bundled tes
 order. Writes a JSON result and a PNG (latency and throughput over time); prints progress once a second.
 
 The client is kept cheap, since on a small machine it shares the CPUs with the server: one process, aiohttp on
-uvloop, request bodies encoded before the clock starts. Its own CPU time is measured and reported.
+uvloop, request bodies encoded before the clock starts. Its own CPU time is measured and reported, and so is every
+process's on the machine, by role (bench.cpu_share): where the CPU per request went, i.e. what limits the server.
 `--api openai` sends the same one-step classification to a vLLM OpenAI-compatible server (/v1/completions with the
 classifier's prompt, max_tokens 1 and the labels' first tokens in `logprob_token_ids`).
 """
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from bench import cpu_share
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -91,6 +94,13 @@ def openai_target(base_url: str, texts: list[str], classifier_dir: str, model_na
     return Target(base_url.rstrip("/") + "/v1/completions", bodies, label_of)
 
 
+def vllm_classify_target(base_url: str, texts: list[str], model_name: str) -> Target:
+    """vLLM's own classification endpoint (a server with the pooling runner on an encoder classifier): the server
+    tokenizes the text, the label is the model config's id2label name of the top class."""
+    bodies = [json.dumps({"model": model_name, "input": t}).encode() for t in texts]
+    return Target(base_url.rstrip("/") + "/classify", bodies, lambda body: ((body.get("data") or [{}])[0]).get("label"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the load
 
@@ -101,6 +111,7 @@ class Record:
     latency: list[float] = field(default_factory=list)  # seconds
     status: list[str] = field(default_factory=list)  # "200", "503", "ClientConnectorError", ...
     labels: Counter = field(default_factory=Counter)
+    cpu_by_process: dict = field(default_factory=dict)  # bench.cpu_share.shares over the measured phase
 
 
 async def _send(session, target: Target, i: int, t_planned: float, t0: float, rec: Optional[Record]) -> None:
@@ -201,12 +212,14 @@ async def run_load(target: Target, *, concurrency: int = 0, rate: float = 0.0, d
         rec = Record()
         counter = itertools.count()
         stop = asyncio.Event()
+        procs0 = cpu_share.snapshot()
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         shower = asyncio.ensure_future(_progress(rec, t0, progress, stop)) if progress > 0 else None
         await phase(duration, rec, requests, t0)
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        rec.cpu_by_process = cpu_share.shares(procs0, cpu_share.snapshot(), wall, rec.status.count("200"))
         stop.set()
         if shower:
             await shower
@@ -239,6 +252,7 @@ def summarize(rec: Record, wall: float, cpu: float) -> dict[str, Any]:
         "labels": dict(rec.labels.most_common()),
         "client_cpu_s": round(cpu, 2),
         "client_cpu_pct_of_core": round(100 * cpu / wall, 1) if wall > 0 else None,
+        "cpu_by_process": rec.cpu_by_process,
     }
 
 
@@ -318,6 +332,9 @@ def print_summary(r: dict[str, Any]) -> None:
     print(f"  req/s {r['rps']}   p50 {r['p50_ms']} ms   p90 {r['p90_ms']} ms   p99 {r['p99_ms']} ms   max {r['max_ms']} ms")
     print(f"  errors {r['errors']} {r['errors_by_status'] or ''}   client CPU {r['client_cpu_pct_of_core']} % of a core")
     print("  labels: " + ", ".join(f"{k} {v}" for k, v in r["labels"].items()))
+    if r.get("cpu_by_process"):
+        print("  CPU by process over the measured phase (every process on this machine):")
+        print("  " + cpu_share.table(r["cpu_by_process"]).replace("\n", "\n  "))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

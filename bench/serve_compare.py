@@ -10,7 +10,9 @@ model, the same requests (the bundled test split) and the same load generator (b
     (textclf.inference.engine_kwargs), the same one-step classification through /v1/completions (the classifier's
     prompt, max_tokens 1, logprob_token_ids = the labels' first tokens), its engine on the same cores, no access
     log (the app has none either).
-(b) naive_wrapper: bench/naive_wrapper.py (FastAPI + the sync OpenAI client, 5 free tokens, parsed) in front of (a).
+    For an encoder classifier (a run of the encoder kind): vLLM's own /classify endpoint, one text per request.
+(b) naive_wrapper: bench/naive_wrapper.py (FastAPI + the sync OpenAI client, 5 free tokens, parsed) in front of (a);
+    generative classifiers only.
 (c) ingress: our Serve app (serve_app/config.yaml, one replica) in a local Ray with the serving environment
     (serve_app.local.SERVE_ENV: direct ingress), requests to the replica's own port; also measured through the
     Serve proxy (ingress_via_proxy) for reference.
@@ -29,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.loadtest import RESULTS, measure, openai_target, test_texts, textclf_target
+from bench import cpu_share
+from bench.loadtest import RESULTS, measure, openai_target, test_texts, textclf_target, vllm_classify_target
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_NAME = "clf"
@@ -61,22 +64,28 @@ def serve_args(overrides: dict[str, Any]) -> dict[str, Any]:
     return {**(conf["applications"][0].get("args") or {}), **overrides}
 
 
-def engine_cli(folder: str, args: dict[str, Any]) -> list[str]:
-    """vLLM server flags for the engine the Serve app builds from the same configuration."""
-    from textclf.inference import engine_kwargs
+def engine_plan(folder: str, args: dict[str, Any]):
     from textclf.serving import ServeConfig, resolve_plan
 
     cfg = ServeConfig.model_validate({**args, "model_dir": folder, "run": None})
-    plan = resolve_plan(cfg)
+    return cfg, resolve_plan(cfg)
+
+
+def engine_cli(folder: str, args: dict[str, Any]) -> list[str]:
+    """vLLM server flags for the engine the Serve app builds from the same configuration."""
+    from textclf.inference import engine_kwargs
+
+    cfg, plan = engine_plan(folder, args)
     kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=cfg.engine.max_num_seqs,
-                       kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization)
+                       kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
+                       **({"runner": "pooling"} if plan.runner == "pooling" else {}))
     kw["disable_log_stats"] = True
     flags = []
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
-        if v is True:
-            flags.append(flag)
-        elif v is not False and v is not None:
+        if isinstance(v, bool):
+            flags.append(flag if v else "--no-" + flag[2:])  # the server's default may differ from the app's
+        elif v is not None:
             flags += [flag, str(v)]
     return flags
 
@@ -151,6 +160,10 @@ def main() -> None:
     load = dict(concurrency=a.concurrency, duration=a.duration, warmup=a.warmup)
     results: dict[str, Any] = {}
     cores = engine_cores(args)
+    encoder = engine_plan(folder, args)[1].runner == "pooling"
+    if encoder and "naive_wrapper" in only:
+        print("--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none", flush=True)
+        only.discard("naive_wrapper")
 
     def run(name: str, target) -> None:
         print(f"--- {name}: {target.url}", flush=True)
@@ -172,7 +185,9 @@ def main() -> None:
         try:
             vllm.wait_http(f"http://127.0.0.1:{port}/health")
             if "vllm_server" in only:
-                run("vllm_server", openai_target(f"http://127.0.0.1:{port}", texts, folder, SERVED_NAME))
+                url = f"http://127.0.0.1:{port}"
+                run("vllm_server", vllm_classify_target(url, texts, SERVED_NAME) if encoder else
+                    openai_target(url, texts, folder, SERVED_NAME))
             if "naive_wrapper" in only:
                 wport = free_port()
                 naive = Proc("naive_wrapper", [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host",
@@ -216,6 +231,9 @@ def main() -> None:
         if k in results:
             r = results[k]
             print(f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['client_cpu_pct_of_core']} |")
+    for k in ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy"):
+        if results.get(k, {}).get("cpu_by_process"):
+            print(f"\n{k}: CPU by process over the measured phase\n" + cpu_share.table(results[k]["cpu_by_process"]))
     for k, v in summary.get("ratios", {}).items():
         print(f"{k} (ingress / {'vLLM server' if k == 'c/a' else 'naive wrapper'}): {v}")
     print(f"wrote {path}")

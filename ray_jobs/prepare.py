@@ -68,6 +68,8 @@ class Prepared:
 def tokenize(examples: list[Example], cfg: Config, fmt: PromptFormat):
     import ray
 
+    # Rows in the split's order, so that a seeded run sees the same data order (and trains the same model) each time.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items([{"text": e.text, "label": e.label} for e in examples])
     # Fractional CPUs and materialize(): on a 2-CPU node a lazy stage that needs a whole CPU while the training
     # workers hold both would wait forever.

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -131,6 +132,43 @@ def bind_cores(cfg: ServeConfig) -> Optional[str]:
     return mask
 
 
+def cores_of(mask: Optional[str]) -> set[int]:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND list names ("0", "0,2", "0-3", "0-1|2-3"); empty for auto/nobind/all."""
+    cores: set[int] = set()
+    for part in (mask or "").replace("|", ",").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return set()
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+@contextmanager
+def engine_on_its_cores(mask: Optional[str]):
+    """Start the engine's processes on its own cores, then move this replica's threads off them.
+
+    vLLM's CPU engine is two processes: EngineCore and a worker whose threads compute on the bound cores. While
+    the worker computes, EngineCore busy-polls for its answer (sched_yield for up to a second after each read). Left
+    free, that poll took 0.7 of a core on 2 cores, from the worker, the replica and the load alike; on the worker's
+    own core it yields to the worker and took 0.06 (encoder: 176 -> 181 req/s; 197 with this replica off that core).
+    The affinity is the spawning thread's, inherited by the processes it starts."""
+    engine = cores_of(mask) & os.sched_getaffinity(0)
+    if not engine:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, engine)
+    try:
+        yield
+    finally:
+        rest = before - engine or before  # a replica on a node whose cores all went to engines shares them
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), rest)
+            except OSError:  # a thread that just ended
+                pass
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # metrics (Prometheus text at GET /metrics, per replica): serve_app/state.py
 
@@ -237,7 +275,8 @@ class ClassifierServer:
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
-        self.engine = VllmEngine(self.plan, self.cfg)
+        with engine_on_its_cores(mask):
+            self.engine = VllmEngine(self.plan, self.cfg)
         self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
         log.info("textclf: engine %s ready in %.1fs (classifiers %s, cores %s)", self.plan.engine_model,
                  time.time() - t0, self.classifiers.names, mask)

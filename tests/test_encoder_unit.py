@@ -95,3 +95,26 @@ def test_serving_plan_for_an_encoder(tmp_path):
         resolve_plan(ServeConfig(run=str(tmp_path / "only_adapter")))
     with pytest.raises(ValueError, match="encoder classifier"):
         resolve_plan(ServeConfig(adapters={"a": str(tmp_path / "only_adapter")}))
+
+
+def test_trainer_initialization_follows_the_seed(tmp_path):
+    """The new head and the LoRA matrices are drawn before the HF Trainer seeds: a rerun with the same seed must
+    start from the same weights, and another seed from others."""
+    import torch
+
+    from textclf.encoder import build_trainer
+    from textclf.models import resolve_model
+
+    rows = [{"input_ids": [101, 7592, 102], "label_id": 0}, {"input_ids": [101, 2147, 102], "label_id": 2}]
+
+    def start(seed: int, before: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(before)  # the RNG state left by whatever ran before must not matter
+        cfg = load_config(None, {"model_kind": "encoder", "seed": str(seed)})
+        trainer = build_trainer(cfg, resolve_model(cfg.model.model), rows, None, str(tmp_path / f"s{seed}"),
+                                labels=list(LABELS))
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+
+    a, b, c = start(1, before=5), start(1, before=6), start(2, before=5)
+    assert any("classifier" in k for k in a) and any("lora_A" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)

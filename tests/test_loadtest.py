@@ -46,6 +46,12 @@ def test_closed_loop_counts_labels_and_errors():
     assert sum(s["labels"].values()) == 45 and set(s["labels"]) == {"short", "long"}
     assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
     assert s["rps"] == pytest.approx(45 / wall, rel=1e-3)
+    # the server ran in this process, so the per-process accounting puts all of its CPU on the load client, and the
+    # client's figure agrees with the process's own rusage
+    procs = s["cpu_by_process"]
+    assert procs["load client"]["cpu_s"] == pytest.approx(cpu, abs=0.05)
+    assert procs["load client"]["ms_per_request"] == pytest.approx(1000 * procs["load client"]["cpu_s"] / 45, rel=0.05)
+    assert procs["all"]["cpu_s"] >= procs["load client"]["cpu_s"]
 
 
 def test_open_loop_paces_requests_and_counts_refused_connections():
@@ -92,3 +98,16 @@ def test_measure_writes_json_and_plot(tmp_path):
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["ok"] == r["ok"] > 0 and saved["errors"] == 0 and saved["timeline"]["rps"]
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_cpu_shares_count_only_the_window():
+    from bench.cpu_share import shares
+
+    before = {1: ("Serve replica", 10.0), 2: ("vLLM EngineCore", 5.0), 3: ("other", 1.0), 4: ("Serve proxy", 7.0)}
+    # pid 3 ended in the window, pid 5 started in it, pid 4 was reused by another role
+    after = {1: ("Serve replica", 12.0), 2: ("vLLM EngineCore", 6.0), 5: ("Ray daemons", 0.5), 4: ("other", 0.25)}
+    s = shares(before, after, wall_s=2.0, requests=100)
+    assert list(s) == ["Serve replica", "vLLM EngineCore", "Ray daemons", "other", "all"]  # busiest first, then all
+    assert s["Serve replica"] == {"cpu_s": 2.0, "cores": 1.0, "ms_per_request": 20.0}
+    assert s["other"]["cpu_s"] == 0.25
+    assert s["all"]["cpu_s"] == 3.75 and s["all"]["ms_per_request"] == 37.5

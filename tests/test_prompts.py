@@ -78,3 +78,19 @@ def test_backend_token_ids_equal_the_tokenizer_call(tokenizer):
     for t in texts:
         prompt = fmt.prompt(tokenizer, t)
         assert fmt._ids(tokenizer, prompt) == tokenizer(prompt, add_special_tokens=False)["input_ids"], t
+
+
+def test_token_ids_ignore_a_backend_with_its_own_padding():
+    """all-MiniLM-L6-v2's tokenizer.json pads and truncates to 128 in the Rust backend until the Python wrapper is
+    first called: token_ids must give the wrapper's ids on a fresh tokenizer too, with and without special tokens."""
+    from transformers import AutoTokenizer
+
+    from textclf.models import resolve_model
+    from textclf.prompts import token_ids
+
+    path = resolve_model("all-minilm-l6-v2")
+    fresh, reference = AutoTokenizer.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert fresh._tokenizer.padding is not None  # the trap this guards against is still there
+    for special in (True, False):
+        for t in ["what is my balance", "word " * 200]:
+            assert token_ids(fresh, t, special) == reference(t, add_special_tokens=special)["input_ids"]

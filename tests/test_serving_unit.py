@@ -187,3 +187,51 @@ def test_yaml_config_is_valid():
     assert dep["name"] == DEPLOYMENT and dep["max_ongoing_requests"] >= 1
     auto = dep["autoscaling_config"]
     assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+
+
+def test_cores_of_a_bind_list():
+    from serve_app.app import cores_of
+
+    assert cores_of("0") == {0} and cores_of("0,2") == {0, 2} and cores_of("1-3") == {1, 2, 3}
+    assert cores_of("0-1|4-5") == {0, 1, 4, 5}
+    assert cores_of("auto") == cores_of("nobind") == cores_of(None) == cores_of("0,x") == set()
+
+
+def test_engine_processes_start_on_the_engine_cores_and_the_replica_leaves_them():
+    """What the engine spawns inherits the engine's cores; afterwards every thread of this process is on the rest
+    (run in a child process, so the test runner's own affinity is left alone)."""
+    import multiprocessing as mp
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 cores")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_affinity_probe, args=(q,))
+    p.start()
+    p.join(60)
+    engine_core, child, threads_after, allowed = q.get(timeout=5)
+    assert child == {engine_core}  # a process started inside the block: the engine's core only
+    assert threads_after == [allowed - {engine_core}] * len(threads_after)  # every thread of the replica: the rest
+
+
+def _affinity_probe(q) -> None:
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from serve_app.app import engine_on_its_cores
+
+    allowed = os.sched_getaffinity(0)
+    core = min(allowed)
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)  # a thread that was there before, like Ray's own
+    t.start()
+    with engine_on_its_cores(str(core)):
+        out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                             capture_output=True, text=True, check=True).stdout
+    threads_after = [os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")]
+    stop.set()
+    t.join()
+    q.put((core, set(json.loads(out)), threads_after, allowed))

@@ -13,13 +13,13 @@ from typing import Any, Optional, Sequence
 
 from .config import Config
 from .inference import BatchClassifier, bind_engine_threads, engine_kwargs
-from .prompts import Encoded, PromptFormat
+from .prompts import Encoded, PromptFormat, token_ids
 from .training import ProgressCallback, lora_config, resolve_precision, trainer_arguments
 
 
 def encode(tokenizer, fmt: PromptFormat, text: str) -> Encoded:
     """[CLS] text [SEP] token ids, cut to fmt.max_length (keeping the final [SEP]) and flagged when cut."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = token_ids(tokenizer, text, special_tokens=True)
     truncated = len(ids) > fmt.max_length
     if truncated:
         tail = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None and ids[-1] == tokenizer.sep_token_id else []
@@ -70,7 +70,7 @@ def build_trainer(
 ):
     """The encoder counterpart of `textclf.training.build_trainer` (same arguments, plus the label set)."""
     from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     if not labels:
         raise ValueError("the encoder kind needs the label set")
@@ -82,6 +82,9 @@ def build_trainer(
         average_tokens_across_devices=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # The new head and the LoRA matrices are drawn here, before the Trainer seeds anything: seed them so that a run
+    # repeats (TRL builds the generative kind's adapter inside the Trainer, after its seeding).
+    set_seed(cfg.train.seed)
     model = get_peft_model(load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu)),
                            lora_config(cfg))
     return Trainer(

@@ -18,6 +18,18 @@ DEFAULT_INSTRUCTION = (
 )
 
 
+def token_ids(tokenizer, s: str, special_tokens: bool = False) -> list[int]:
+    """The tokenizer's ids for s, as `tokenizer(s, add_special_tokens=...)["input_ids"]` gives them.
+
+    A fast tokenizer's Rust backend gives the same ids without the Python wrapper's per-call overhead, which served
+    requests pay once each; but only while the backend has no padding or truncation of its own, which a
+    tokenizer.json may carry (all-MiniLM-L6-v2's pads every text to 128 until the wrapper is first called)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return backend.encode(s, add_special_tokens=special_tokens).ids
+    return tokenizer(s, add_special_tokens=special_tokens)["input_ids"]
+
+
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]  # prompt tokens, then the completion's when a label was given
@@ -106,12 +118,7 @@ class PromptFormat:
 
     # -- tokens ---------------------------------------------------------------------------------------------
     def _ids(self, tokenizer, s: str) -> list[int]:
-        # The prompt string already carries the template's special tokens. A fast tokenizer's Rust backend gives the
-        # same ids without the Python wrapper's per-call overhead, which served requests pay once each.
-        backend = getattr(tokenizer, "_tokenizer", None)
-        if backend is not None:
-            return backend.encode(s, add_special_tokens=False).ids
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
+        return token_ids(tokenizer, s)  # the prompt string already carries the template's special tokens
 
     def encode(self, tokenizer, text: str, label: Optional[str] = None) -> Encoded:
         """Prompt (+ completion) token ids; an over-long text is cut by tokens so the label always fits.
