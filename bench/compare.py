@@ -27,6 +27,16 @@ from textclf.config import PROJECT_ROOT, load_config
 SMOKE_CONFIG = PROJECT_ROOT / "configs" / "smoke.yaml"
 
 
+def config_overrides(ap: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
+    """The `--key value` pairs left over by the script's own flags: run configuration overrides."""
+    overrides: dict[str, str] = {}
+    for i in range(0, len(rest), 2):
+        if not rest[i].startswith("--") or i + 1 >= len(rest):
+            ap.error(f"expected --key value pairs, got {rest[i:]}")
+        overrides[rest[i][2:]] = rest[i + 1]
+    return overrides
+
+
 def serve_and_measure(run_dir: Path, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
     """The run's merged model served by the Serve app (serve_app/config.yaml's settings, one replica) in a local Ray
     with the serving environment of `make serve`, loaded by the shared load tester: bench.serve_compare, through the
@@ -72,11 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--concurrency", type=int, default=48, help="served load: concurrent requests (closed loop)")
     args, rest = ap.parse_known_args(argv)
     setup_logging()
-    overrides: dict[str, Any] = {}
-    for i in range(0, len(rest), 2):  # --key value pairs for both runs
-        if not rest[i].startswith("--") or i + 1 >= len(rest):
-            ap.error(f"expected --key value pairs, got {rest[i:]}")
-        overrides[rest[i][2:]] = rest[i + 1]
+    overrides = config_overrides(ap, rest)  # for both runs
     duration = args.duration or (5.0 if args.smoke else 20.0)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}

@@ -21,6 +21,7 @@ ROLES = (
     ("VLLM::", "vLLM worker"),
     ("ray::", "Ray workers (other)"),
 )
+SERVERS = (("vllm.entrypoints", "vLLM API server"), ("bench.naive_wrapper", "naive wrapper"))  # bench-serve's (a), (b)
 RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client_server")
 
 
@@ -33,6 +34,9 @@ def role(p: psutil.Process, me: int) -> str:
         return "other"
     for prefix, name in ROLES:
         if title.startswith(prefix):
+            return name
+    for part, name in SERVERS:
+        if part in title:
             return name
     if any(d in title for d in RAY_DAEMONS):
         return "Ray daemons"

@@ -78,7 +78,7 @@ def engine_cli(folder: str, args: dict[str, Any]) -> list[str]:
     cfg, plan = engine_plan(folder, args)
     kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=cfg.engine.max_num_seqs,
                        kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                       **({"runner": "pooling"} if plan.runner == "pooling" else {}))
+                       runner=plan.runner)
     kw["disable_log_stats"] = True
     flags = []
     for k, v in kw.items():
