@@ -150,7 +150,7 @@ def engine_on_its_cores(mask: Optional[str]):
     vLLM's CPU engine is two processes: EngineCore and a worker whose threads compute on the bound cores. While
     the worker computes, EngineCore busy-polls for its answer (sched_yield for up to a second after each read). Left
     free, that poll took 0.7 of a core on 2 cores, from the worker, the replica and the load alike; on the worker's
-    own core it yields to the worker and took 0.06 (encoder: 176 -> 181 req/s; 197 with this replica off that core).
+    own core it yields to the worker and took 0.05 (serve_app/README.md, "Serving performance").
     The affinity is the spawning thread's, inherited by the processes it starts."""
     engine = cores_of(mask) & os.sched_getaffinity(0)
     if not engine:
