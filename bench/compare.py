@@ -22,19 +22,9 @@ from typing import Any
 from bench.serve_compare import result_path
 from ray_jobs.common import setup_logging
 from ray_jobs.pipeline import run_pipeline
-from textclf.config import PROJECT_ROOT, load_config
+from textclf.config import PROJECT_ROOT, config_overrides, load_config
 
 SMOKE_CONFIG = PROJECT_ROOT / "configs" / "smoke.yaml"
-
-
-def config_overrides(ap: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
-    """The `--key value` pairs left over by the script's own flags: run configuration overrides."""
-    overrides: dict[str, str] = {}
-    for i in range(0, len(rest), 2):
-        if not rest[i].startswith("--") or i + 1 >= len(rest):
-            ap.error(f"expected --key value pairs, got {rest[i:]}")
-        overrides[rest[i][2:]] = rest[i + 1]
-    return overrides
 
 
 def serve_and_measure(run_dir: Path, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:

@@ -15,10 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.compare import config_overrides
 from ray_jobs.common import setup_logging
 from ray_jobs.pipeline import run_pipeline
-from textclf.config import load_config
+from textclf.config import config_overrides, load_config
 
 
 def main(argv=None) -> None:

@@ -65,17 +65,17 @@ def serve_args(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def engine_plan(folder: str, args: dict[str, Any]):
+    """(the Serve app's configuration for this classifier, the engine plan it resolves to)"""
     from textclf.serving import ServeConfig, resolve_plan
 
     cfg = ServeConfig.model_validate({**args, "model_dir": folder, "run": None})
     return cfg, resolve_plan(cfg)
 
 
-def engine_cli(folder: str, args: dict[str, Any]) -> list[str]:
-    """vLLM server flags for the engine the Serve app builds from the same configuration."""
+def engine_cli(cfg, plan) -> list[str]:
+    """vLLM server flags for the engine the Serve app builds from the same configuration (`engine_plan`)."""
     from textclf.inference import engine_kwargs
 
-    cfg, plan = engine_plan(folder, args)
     kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=cfg.engine.max_num_seqs,
                        kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
                        runner=plan.runner)
@@ -160,7 +160,8 @@ def main() -> None:
     load = dict(concurrency=a.concurrency, duration=a.duration, warmup=a.warmup)
     results: dict[str, Any] = {}
     cores = engine_cores(args)
-    encoder = engine_plan(folder, args)[1].runner == "pooling"
+    serve_cfg, plan = engine_plan(folder, args)
+    encoder = plan.runner == "pooling"
     if encoder and "naive_wrapper" in only:
         print("--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none", flush=True)
         only.discard("naive_wrapper")
@@ -180,7 +181,7 @@ def main() -> None:
         port = free_port()
         vllm = Proc("vllm_server", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                                     "--port", str(port), "--served-model-name", SERVED_NAME,
-                                    "--disable-uvicorn-access-log", *engine_cli(folder, args)],
+                                    "--disable-uvicorn-access-log", *engine_cli(serve_cfg, plan)],
                     {"VLLM_CPU_OMP_THREADS_BIND": cores}, out_dir)
         try:
             vllm.wait_http(f"http://127.0.0.1:{port}/health")

@@ -152,11 +152,11 @@ def engine_on_its_cores(mask: Optional[str]):
     free, that poll took 0.7 of a core on 2 cores, from the worker, the replica and the load alike; on the worker's
     own core it yields to the worker and took 0.05 (serve_app/README.md, "Serving performance").
     The affinity is the spawning thread's, inherited by the processes it starts."""
-    engine = cores_of(mask) & os.sched_getaffinity(0)
+    before = os.sched_getaffinity(0)
+    engine = cores_of(mask) & before
     if not engine:
         yield
         return
-    before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, engine)
     try:
         yield

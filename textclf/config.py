@@ -300,12 +300,10 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("model.instruction must contain the placeholder {labels}")
 
 
-def parse_args(argv: Optional[list[str]] = None, description: str = "") -> Config:
-    """`--config run.yaml` plus any number of `--key value` (or `--section.key value`) overrides."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file with config keys (flat or by section)")
-    args, rest = parser.parse_known_args(argv)
-    overrides: dict[str, Any] = {}
+def config_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
+    """Config overrides from the arguments a script's own parser left: `--key value`, `--key=value`, or a bare
+    `--flag` (true)."""
+    overrides: dict[str, str] = {}
     i = 0
     while i < len(rest):
         tok = rest[i]
@@ -322,6 +320,15 @@ def parse_args(argv: Optional[list[str]] = None, description: str = "") -> Confi
             value = "true"  # a bare flag switches a boolean on
             i += 1
         overrides[key] = value
+    return overrides
+
+
+def parse_args(argv: Optional[list[str]] = None, description: str = "") -> Config:
+    """`--config run.yaml` plus any number of `--key value` (or `--section.key value`) overrides."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file with config keys (flat or by section)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = config_overrides(parser, rest)
     try:
         return load_config(args.config, overrides)
     except ValueError as e:
