@@ -7,6 +7,10 @@
 Each node is its own `ray start --block` process (own --temp-dir, own ports, 1 CPU, explicit memory), started in
 its own session. `down` stops those processes, the processes under them and any process still naming the
 cluster's temp dir; it never runs `ray stop`, which stops every Ray process on the machine.
+
+Token auth (Ray's default): `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH` when set, else `~/.ray/auth_token` when it
+exists, else a token made once in the state dir. Every node and CLI call gets it through `RAY_AUTH_TOKEN_PATH`
+(or the `RAY_AUTH_TOKEN` given); `down` never deletes a token.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +32,7 @@ from typing import Any
 import psutil
 
 STATE_FILE = "cluster.json"
+TOKEN_FILE = "auth_token"
 DEFAULT_STATE_DIR = Path(tempfile.gettempdir()) / f"textclf-cluster-{os.getuid()}"
 GiB = 1 << 30
 
@@ -56,11 +62,43 @@ def ray_bin() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def node_env() -> dict[str, str]:
+def auth_token(state_dir: Path) -> dict[str, str]:
+    """Where the cluster's token comes from: {"source": ..., "path": ... (absent when RAY_AUTH_TOKEN is given)}.
+    `ray start --head` with token auth makes no token of its own, so one must exist before it runs."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return {"source": "RAY_AUTH_TOKEN"}
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given:
+        if not Path(given).expanduser().is_file():
+            raise SystemExit(f"RAY_AUTH_TOKEN_PATH={given}: no such file")
+        return {"source": "RAY_AUTH_TOKEN_PATH", "path": str(Path(given).expanduser().resolve())}
+    home = Path.home() / ".ray" / TOKEN_FILE
+    if home.is_file():
+        return {"source": "~/.ray/auth_token", "path": str(home)}
+    made = Path(state_dir).resolve() / TOKEN_FILE
+    if not made.is_file():
+        made.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return {"source": "made by up", "path": str(made)}
+    return {"source": "made by an earlier up", "path": str(made)}
+
+
+def cli_env(state: dict[str, Any] | None = None) -> dict[str, str]:
+    """The environment of a Ray CLI call against this cluster (or of a node): token auth, the cluster's token."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's default for new clusters; said explicitly so the CLI agrees
+    path = ((state or {}).get("auth") or {}).get("path")
+    if path:
+        env["RAY_AUTH_TOKEN_PATH"] = path
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def node_env(state: dict[str, Any]) -> dict[str, str]:
+    env = cli_env(state)
     env.pop("PYTHONPATH", None)  # a job's code comes from its --working-dir, not from where `up` ran
     return env
 
@@ -117,7 +155,7 @@ def load_state(state_dir: Path) -> dict[str, Any]:
 
 
 def _wait_for_nodes(state: dict[str, Any], n: int, timeout: float) -> None:
-    env = node_env()
+    env = cli_env(state)
     deadline = time.time() + timeout
     out = ""
     while time.time() < deadline:
@@ -160,8 +198,9 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, workers: int = 1, memory_gib: float 
     root = Path(tempfile.mkdtemp(prefix="tcl-", dir="/tmp"))
     gcs_port, dash_port = free_port(), free_port()
     state: dict[str, Any] = {"root": str(root), "gcs_address": f"127.0.0.1:{gcs_port}",
-                             "dashboard": f"http://127.0.0.1:{dash_port}", "nodes": [], "pids": []}
-    env = node_env()
+                             "dashboard": f"http://127.0.0.1:{dash_port}", "nodes": [], "pids": [],
+                             "auth": auth_token(state_dir)}
+    env = node_env(state)
 
     def start(name: str, extra: list[str]) -> None:
         temp = root / name
@@ -243,15 +282,18 @@ def _signal(pid: int, sig: int) -> None:
 
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> str:
     state = load_state(state_dir)
-    proc = subprocess.run([ray_bin(), "status", "--address", state["gcs_address"]], env=node_env(),
+    proc = subprocess.run([ray_bin(), "status", "--address", state["gcs_address"]], env=cli_env(state),
                           capture_output=True, text=True, timeout=60)
     return proc.stdout + proc.stderr
 
 
 def describe(state: dict[str, Any]) -> str:
+    auth = state.get("auth") or {}
+    token = f" RAY_AUTH_TOKEN_PATH={auth['path']}" if auth.get("path") else ""
     return (f"local Ray cluster: {len(state['nodes'])} nodes ({', '.join(n['name'] for n in state['nodes'])}), "
             f"temp dir {state['root']}\n"
-            f"export RAY_ADDRESS={state['dashboard']} RAY_AUTH_MODE=token   # for ray job submit\n"
+            f"auth token: {auth.get('path') or 'from RAY_AUTH_TOKEN'} ({auth.get('source', '?')})\n"
+            f"export RAY_ADDRESS={state['dashboard']} RAY_AUTH_MODE=token{token}   # for ray job submit\n"
             f"GCS address (ray status --address): {state['gcs_address']}\n"
             f"dashboard: {state['dashboard']}")
 

@@ -99,6 +99,27 @@ def check_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
     return errors
 
 
+def _token_auth_env(c: dict[str, Any]) -> tuple[bool, bool]:
+    """(turns token auth on, is given a token) from a container's env."""
+    env = {e.get("name"): e for e in c.get("env") or []}
+    on = str((env.get("RAY_AUTH_MODE") or {}).get("value", "")).lower() == "token"
+    return on, "RAY_AUTH_TOKEN" in env or "RAY_AUTH_TOKEN_PATH" in env
+
+
+def check_token_auth(spec: dict[str, Any], where: str) -> list[str]:
+    """Token auth needs a token on every node: KubeRay's authOptions (mode token) makes and mounts one; a container
+    that sets RAY_AUTH_MODE=token by hand must also get RAY_AUTH_TOKEN (from a Secret) or RAY_AUTH_TOKEN_PATH."""
+    if str((spec.get("authOptions") or {}).get("mode", "")).lower() == "token":
+        return []
+    groups = [("head", spec.get("headGroupSpec") or {})]
+    groups += [(w.get("groupName", "?"), w) for w in spec.get("workerGroupSpecs") or []]
+    states = [(name, *_token_auth_env(c)) for name, g in groups for c in _containers(g)]
+    if not any(on for _, on, _ in states):
+        return []
+    return [f"{where} {name}: token auth is on (RAY_AUTH_MODE=token) but the node gets no token: set authOptions.mode "
+            f"token (KubeRay makes one) or RAY_AUTH_TOKEN from a Secret" for name, _, has in states if not has]
+
+
 def check_runtime_env(text: str, where: str) -> list[str]:
     env = yaml.safe_load(text or "") or {}
     errors = []
@@ -116,7 +137,8 @@ def check_rayjob(doc: dict[str, Any], where: str = "RayJob") -> list[str]:
         return [f"{where}: expected apiVersion ray.io/v1, kind RayJob"]
     errors = check_entrypoint(spec.get("entrypoint", ""))
     errors += check_runtime_env(spec.get("runtimeEnvYAML", ""), where)
-    return errors + check_cluster_spec(spec.get("rayClusterSpec") or {}, where)
+    cluster = spec.get("rayClusterSpec") or {}
+    return errors + check_cluster_spec(cluster, where) + check_token_auth(cluster, where)
 
 
 def check_rayservice(doc: dict[str, Any], where: str = "RayService") -> list[str]:
@@ -143,7 +165,8 @@ def check_rayservice(doc: dict[str, Any], where: str = "RayService") -> list[str
                 errors.append(f"{where}: deployment {d.get('name')!r} is not {deployment!r}")
             if (d.get("ray_actor_options") or {}).get("num_gpus", 0) < 1:
                 errors.append(f"{where}: the {d.get('name')} replicas ask for no GPU")
-    return errors + check_cluster_spec(spec.get("rayClusterConfig") or {}, where)
+    cluster = spec.get("rayClusterConfig") or {}
+    return errors + check_cluster_spec(cluster, where) + check_token_auth(cluster, where)
 
 
 def check_launcher(doc: dict[str, Any], where: str = "launcher") -> list[str]:
@@ -168,6 +191,11 @@ def check_launcher(doc: dict[str, Any], where: str = "launcher") -> list[str]:
         errors.append(f"{where}: setup_commands must install the project with the gpu extra")
     if "." not in (doc.get("file_mounts") or {}).values():
         errors.append(f"{where}: file_mounts must copy the project (.) to the nodes")
+    starts = " ".join((doc.get("head_start_ray_commands") or []) + (doc.get("worker_start_ray_commands") or []))
+    mounted = any(str(k).endswith("/.ray/auth_token") for k in (doc.get("file_mounts") or {}))
+    if "RAY_AUTH_MODE=token" in starts and not mounted and "RAY_AUTH_TOKEN" not in starts:
+        errors.append(f"{where}: token auth is on but no node gets a token: file_mounts must copy ~/.ray/auth_token "
+                      f"(made by `ray get-auth-token --generate`) to every node")
     return errors
 
 

@@ -37,8 +37,7 @@ def cluster(tmp_path_factory):
 
 
 def ray_cli(cluster, *args, timeout=600):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = local.cli_env(cluster)
     return subprocess.run([RAY, "job", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -56,7 +55,7 @@ def submit(cluster, *entrypoint, wait=True, submission_id=None, timeout=600):
 def node_ids(cluster) -> set[str]:
     """The node ids `ray status` lists as active for this cluster."""
     status = subprocess.run([RAY, "status", "--address", cluster["gcs_address"]], capture_output=True, text=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "token"}).stdout
+                            env=local.cli_env(cluster)).stdout
     return set(re.findall(r"node_([0-9a-f]{20,})", status))
 
 

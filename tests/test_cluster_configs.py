@@ -112,3 +112,24 @@ def test_local_cluster_reads_active_nodes_from_ray_status():
     assert local._active_nodes("Active:\n (no active nodes)\n") == 0
     lo, hi = local.free_range(10)
     assert hi - lo == 9 and 20000 <= lo
+
+
+def test_a_manifest_that_turns_token_auth_on_without_a_token_fails(docs):
+    job = _job(docs)
+    cluster = job["spec"]["rayClusterSpec"]
+    del cluster["authOptions"]  # KubeRay no longer makes and mounts the token
+    cluster["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
+        {"name": "RAY_AUTH_MODE", "value": "token"})
+    errors = validate.check_rayjob(job)
+    assert any("token auth is on" in e and "head" in e for e in errors), errors
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for c in group["template"]["spec"]["containers"]:
+            c.setdefault("env", []).append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "t"}}})
+    assert not [e for e in validate.check_rayjob(job) if "token" in e]
+
+
+def test_a_launcher_with_token_auth_must_copy_the_token_to_the_nodes():
+    doc = yaml.safe_load(validate.LAUNCHER.read_text())
+    assert not validate.check_launcher(doc)
+    doc["file_mounts"] = {k: v for k, v in doc["file_mounts"].items() if not k.endswith("/.ray/auth_token")}
+    assert any("no node gets a token" in e for e in validate.check_launcher(doc))
