@@ -1,5 +1,6 @@
 """Step 4: batch inference with vLLM over Ray Data on the run's test split; writes the evaluation report.
-Generative classifiers are scored on their label tokens, encoders through vLLM's pooling runner (`classify`).
+Each model kind scores in its own way (textclf.kinds): label tokens for generative classifiers, vLLM's pooling runner
+for classification heads.
 
     python -m ray_jobs.evaluate --name <run> [--eval-adapter true]
 
@@ -15,7 +16,8 @@ from typing import Any
 
 from textclf import tracking
 from textclf.config import Config, parse_args
-from textclf.export import model_kind, read_meta
+from textclf.export import read_meta
+from textclf.inference import BatchClassifier
 from textclf.metrics import compute_metrics, write_report
 from textclf.models import resolve_model
 
@@ -39,10 +41,6 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     import ray
 
     model_dir, meta, adapter = classifier_source(cfg, run_dir)
-    if model_kind(meta) == "encoder":  # vLLM's pooling runner on the merged classification model
-        from textclf.encoder import EncoderBatchClassifier as BatchClassifier
-    else:
-        from textclf.inference import BatchClassifier
     test = read_split(run_dir, "test")
     init_ray(cfg)
     e = cfg.eval

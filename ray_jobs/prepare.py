@@ -18,6 +18,7 @@ import numpy as np
 
 from textclf.config import Config, parse_args
 from textclf.data import DataValidationError, Example, Splits, read_jsonl
+from textclf.kinds import DEFAULT_KIND, get_kind
 from textclf.models import resolve_model
 from textclf.prompts import PromptFormat, format_from_config
 from textclf.sources import load_splits
@@ -29,32 +30,30 @@ SPLITS = ("train", "validation", "test")
 
 
 class Tokenize:
-    """Ray Data stage: prompt + completion tokens through the shared PromptFormat (generative kind), or the plain
-    text's tokens and the label's id in the same format's label set (encoder kind)."""
+    """Ray Data stage: each row's training tokens as the model kind makes them (textclf.kinds), through the shared
+    PromptFormat: input_ids, n_tokens, truncated, and the kind's own columns (completion_mask, label_id)."""
 
-    def __init__(self, model: str, cache_dir: str | None, fmt: dict[str, Any], kind: str = "generative"):
+    def __init__(self, model: str, cache_dir: str | None, fmt: dict[str, Any], kind: str = DEFAULT_KIND):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, cache_dir))
         self.fmt = PromptFormat.from_dict(fmt)
-        self.kind = kind
+        self.kind = get_kind(kind)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out: dict[str, Any] = {"label": batch["label"]}
-        if self.kind == "encoder":
-            from textclf.encoder import encode
-
-            enc = [encode(self.tokenizer, self.fmt, t) for t in batch["text"]]
-            out["label_id"] = np.asarray([self.fmt.labels.index(l) for l in batch["label"]], dtype=np.int64)
-        else:
-            enc = [self.fmt.encode(self.tokenizer, t, l) for t, l in zip(batch["text"], batch["label"])]
-            out["completion_mask"] = [np.asarray(e.completion_mask, dtype=np.int8) for e in enc]
-        return {
-            **out,
-            "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e in enc],
-            "n_tokens": np.asarray([len(e.input_ids) for e in enc]),
-            "truncated": np.asarray([e.truncated for e in enc]),
+        rows = [self.kind.training_row(self.tokenizer, self.fmt, t, l) for t, l in zip(batch["text"], batch["label"])]
+        out: dict[str, Any] = {
+            "label": batch["label"],
+            "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e, _ in rows],
+            "n_tokens": np.asarray([len(e.input_ids) for e, _ in rows]),
+            "truncated": np.asarray([e.truncated for e, _ in rows]),
         }
+        for key in (rows[0][1] if rows else {}):
+            values = [extra[key] for _, extra in rows]
+            # per-token columns (a mask) stay one array per row; per-row values (a label id) make one column
+            out[key] = ([np.asarray(v, dtype=np.int8) for v in values] if isinstance(values[0], list)
+                        else np.asarray(values, dtype=np.int64))
+        return out
 
 
 @dataclass

@@ -30,17 +30,10 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
+    from textclf.kinds import get_kind
     from textclf.models import resolve_model
 
     cfg = Config.from_dict(config["cfg"])
-    if cfg.model.model_kind == "encoder":
-        from textclf.encoder import build_trainer
-
-        kind_args = {"labels": config["labels"]}
-    else:
-        from textclf.training import build_trainer
-
-        kind_args = {}
     ctx = ray.train.get_context()
     # Which node each rank runs on (the cluster tests read it from the job's log).
     print(f"[train] rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} pid {os.getpid()}",
@@ -52,16 +45,16 @@ def train_worker(config: dict[str, Any]) -> None:
     # A fresh folder per attempt: RayTrainReportCallback reports the highest-numbered checkpoint-N it finds there,
     # so a stale one from an earlier run of the same name (or a killed attempt) would be reported as this step's.
     output_dir = Path(tempfile.mkdtemp(prefix=f"textclf-{cfg.run.name}-rank{ctx.get_world_rank()}-"))
-    trainer = build_trainer(
+    trainer = get_kind(cfg.model.model_kind).build_trainer(
         cfg,
         resolve_model(cfg.model.model, cfg.model.model_cache_dir),
         train_rows,
         eval_rows,
         str(output_dir),
+        labels=config["labels"],
         use_gpu=cfg.train.use_gpu,
         callbacks=[RayTrainReportCallback()],
         report_to=["mlflow"] if config.get("env") else [],
-        **kind_args,
     )
     trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one

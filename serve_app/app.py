@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from textclf.inference import engine_output
 from textclf.serving import (
     BatchRequest,
     ClassifierSpec,
@@ -59,7 +60,7 @@ class VllmEngine:
         kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=e.max_num_seqs, kv_cache_gib=e.kv_cache_gib,
                            gpu_memory_utilization=e.gpu_memory_utilization, enable_lora=plan.enable_lora,
                            max_loras=plan.max_loras, max_lora_rank=plan.max_lora_rank, runner=plan.runner)
-        self.pooling = plan.runner == "pooling"  # an encoder: class probabilities from AsyncLLM.encode
+        self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
         kw["disable_log_stats"] = True
         self.loras = {s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir)
                       for s in plan.classifiers.values() if s.adapter_dir}
@@ -67,13 +68,13 @@ class VllmEngine:
 
     async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any:
         final = None
-        run = self.llm.encode if self.pooling else self.llm.generate
+        run = self.llm.encode if self.runner == "pooling" else self.llm.generate
         async for out in run({"prompt_token_ids": prompt_token_ids}, params, request_id=request_id,
                              lora_request=self.loras.get(spec.name)):
             final = out
         if final is None or not final.outputs:
             raise RuntimeError("the engine returned no output")
-        return final.outputs if self.pooling else final.outputs[0]
+        return engine_output(self.runner, final)
 
     async def check_health(self) -> None:
         await self.llm.check_health()

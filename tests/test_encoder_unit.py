@@ -43,7 +43,7 @@ def test_kind_from_yaml_and_bad_kind(tmp_path):
 
 
 def test_encode_plain_text_and_truncation(bert_tokenizer):
-    from textclf.encoder import encode
+    from textclf.kinds.encoder import encode
 
     fmt = PromptFormat(labels=LABELS, max_length=8)
     short = encode(bert_tokenizer, fmt, "Hello world")
@@ -65,7 +65,7 @@ def test_tokenize_stage_gives_label_ids_from_the_format(bert_tokenizer):
 
 
 def test_label_maps_and_result():
-    from textclf.encoder import label_maps, result
+    from textclf.kinds.encoder import label_maps, result
 
     maps = label_maps(LABELS)
     assert maps["num_labels"] == 3 and maps["id2label"][2] == "work" and maps["label2id"]["travel"] == 1
@@ -102,7 +102,7 @@ def test_trainer_initialization_follows_the_seed(tmp_path):
     start from the same weights, and another seed from others."""
     import torch
 
-    from textclf.encoder import build_trainer
+    from textclf.kinds.encoder import build_trainer
     from textclf.models import resolve_model
 
     rows = [{"input_ids": [101, 7592, 102], "label_id": 0}, {"input_ids": [101, 2147, 102], "label_id": 2}]

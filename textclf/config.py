@@ -21,27 +21,6 @@ from .prompts import DEFAULT_INSTRUCTION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
-MODEL_KINDS = ("generative", "encoder")
-
-# Defaults that differ by model kind; a value given in the YAML or on the command line always wins.
-# encoder: all-MiniLM-L6-v2 (BERT) with a classification head; CLINC queries are short (p95 ~20 tokens).
-KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "encoder": {
-        "model": "all-minilm-l6-v2",
-        "max_length": 64,
-        "target_modules": ["query", "key", "value", "dense"],
-        "max_steps": -1,
-        "num_epochs": 5.0,
-        "per_device_batch_size": 32,
-        # Bundled data, 5 epochs: 1e-3 gave test macro-F1 0.960-0.964 over 4 seeds; 3e-3 swung the eval loss early on
-        # and ended at 0.945-0.951 in 3 runs; 5e-4 gave 0.956.
-        "learning_rate": 1e-3,
-        "warmup_steps": 20,
-        "eval_steps": 50,
-        "save_steps": 50,
-    },
-}
-
 
 @dataclass
 class DataConfig:
@@ -64,7 +43,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # generative: a causal LM that answers with the label (TRL SFT); encoder: a sequence classification head
+    # a name in textclf.kinds.KINDS: generative (a causal LM answering with the label, TRL SFT), encoder (a sequence
+    # classification head on an encoder), decoder-head (a classification head on a causal LM)
     model_kind: str = "generative"
     model: str = DEFAULT_MODEL  # a Hub id, a local path, or a bundled alias (the encoder kind defaults to all-minilm-l6-v2)
     model_cache_dir: Optional[str] = None  # where converted bundled models live; default ~/.cache/textclf
@@ -270,15 +250,18 @@ def load_config(config_path: Optional[str] = None, overrides: Optional[dict[str,
 
 
 def _apply_kind_defaults(cfg: Config, given: set[str], index) -> None:
-    for name, value in KIND_DEFAULTS.get(cfg.model.model_kind, {}).items():
+    from .kinds import get_kind
+
+    for name, value in get_kind(cfg.model.model_kind).defaults.items():
         if name not in given:
             _apply(cfg, name, value, index)
 
 
 def validate_config(cfg: Config) -> None:
+    from .kinds import get_kind
+
     t = cfg.train
-    if cfg.model.model_kind not in MODEL_KINDS:
-        raise ValueError(f"model.model_kind must be one of {', '.join(MODEL_KINDS)}, not {cfg.model.model_kind!r}")
+    get_kind(cfg.model.model_kind)  # an unknown kind: the error lists the known ones
     if t.num_workers < 1:
         raise ValueError("train.num_workers must be >= 1")
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:

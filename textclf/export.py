@@ -43,12 +43,6 @@ def prompt_format(meta: dict[str, Any]) -> PromptFormat:
     return PromptFormat.from_dict(meta["prompt"])
 
 
-def model_kind(meta: dict[str, Any]) -> str:
-    """generative (a causal LM answering with the label) or encoder (a classification head); runs from before
-    the encoder kind existed are generative."""
-    return meta.get("model_kind", "generative")
-
-
 def save_adapter(checkpoint_dir: Path, out_dir: Path, base_model: str, fmt: PromptFormat, extra: Optional[dict] = None) -> Path:
     """Copy the adapter and tokenizer out of a trainer checkpoint (leaving optimizer state behind)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
@@ -67,21 +61,14 @@ def save_adapter(checkpoint_dir: Path, out_dir: Path, base_model: str, fmt: Prom
 
 def merge_adapter(adapter_dir: Path, out_dir: Path, base_model_path: Optional[str] = None) -> Path:
     """Fold the LoRA weights into the base model: a plain checkpoint that any runtime (vLLM included) loads, and
-    that serves faster than base + adapter on CPUs. An encoder's config.json gets id2label/label2id."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    that serves faster than base + adapter on CPUs. A classification head's config.json gets id2label/label2id."""
+    from transformers import AutoTokenizer
+
+    from .kinds import kind_of
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     meta = read_meta(adapter_dir)
-    base_path = base_model_path or meta["base_model"]
-    if model_kind(meta) == "encoder":
-        from .encoder import merge
-
-        merged = merge(str(adapter_dir), base_path, meta["labels"])
-    else:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = kind_of(meta).merge(str(adapter_dir), base_model_path or meta["base_model"], meta["labels"])
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)

@@ -4,7 +4,8 @@ When every label starts with its own token (checked under the model's tokenizer)
 labels at once (`logprob_token_ids`) and the probabilities are a softmax over the labels' first tokens.
 Otherwise decoding is constrained to the label strings (structured `choice`) and the probability is that of
 the chosen label's tokens. Free generation followed by parsing is never used.
-Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`).
+Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`); the model kinds (textclf.kinds) pick
+their runner and scoring.
 """
 from __future__ import annotations
 
@@ -143,8 +144,14 @@ def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
 
+def engine_output(runner: str, request_output) -> Any:
+    """What a kind's scorer parses: the completion (generate runner) or the pooling output (pooling runner)."""
+    return request_output.outputs if runner == "pooling" else request_output.outputs[0]
+
+
 class BatchClassifier:
-    """A vLLM engine that classifies batches of texts; the Ray Data evaluation maps it over the test split."""
+    """A vLLM engine that classifies batches of texts with the classifier's kind (its runner, tokens and scoring);
+    the Ray Data evaluation maps it over the test split."""
 
     def __init__(
         self,
@@ -157,12 +164,18 @@ class BatchClassifier:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        from .kinds import kind_of
+
+        kind = kind_of(meta)
+        if adapter_dir:
+            kind.check_servable({"kind": "adapter"}, adapter_dir)
         bind_engine_threads(cpu_threads_bind)
         self.fmt = PromptFormat.from_dict(meta["prompt"])
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
-        self.plan = scoring_plan(self.fmt, self.tokenizer)
-        self.params = sampling_params(self.plan, max(len(x) for x in self.fmt.label_token_ids(self.tokenizer)) + 1)
-        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, enable_lora=adapter_dir is not None, **engine_options))
+        self.scorer = kind.scorer(self.fmt, self.tokenizer)
+        self.runner = kind.runner
+        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, enable_lora=adapter_dir is not None,
+                                       runner=kind.runner, **engine_options))
         self.lora = None
         if adapter_dir:
             from vllm.lora.request import LoRARequest
@@ -170,15 +183,15 @@ class BatchClassifier:
             self.lora = LoRARequest("classifier", 1, adapter_dir)
 
     def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        encoded = [self.fmt.encode(self.tokenizer, t) for t in texts]
+        encoded = [self.scorer.encode(t) for t in texts]
         prompts = [{"prompt_token_ids": e.input_ids} for e in encoded]
-        outputs = self.llm.generate(prompts, self.params, use_tqdm=False, lora_request=self.lora)
-        results = []
-        for e, out in zip(encoded, outputs):
-            r = parse_output(self.plan, out.outputs[0])
-            r["truncated"] = e.truncated
-            results.append(r)
-        return results
+        if self.runner == "pooling":
+            outputs = self.llm.encode(prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora,
+                                      pooling_task="classify")
+        else:
+            outputs = self.llm.generate(prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora)
+        return [{**self.scorer.parse(engine_output(self.runner, out)), "truncated": e.truncated}
+                for e, out in zip(encoded, outputs)]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = self.classify([str(t) for t in batch["text"]])

@@ -19,12 +19,13 @@ from typing import Any, Optional, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from .export import META_FILE, latest_run, model_kind, prompt_format, read_meta
-from .inference import ScoringPlan, parse_output, sampling_params, scoring_plan, top_k
+from .export import META_FILE, latest_run, prompt_format, read_meta
+from .inference import top_k
+from .kinds import kind_of
+from .kinds.base import Scorer
 from .prompts import PromptFormat
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-LABEL_ROOM = 32  # engine context beyond the prompt's max_length, for the label tokens
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -112,7 +113,7 @@ class ServingPlan:
     enable_lora: bool
     max_loras: int
     max_lora_rank: int
-    runner: str = "generate"  # "pooling": an encoder classifier (vLLM's classify)
+    runner: str = "generate"  # vLLM's runner for the classifiers' kind ("pooling": a classification head)
 
 
 def _adapter_folder(p: Path) -> Path:
@@ -137,8 +138,9 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
         for i, (name, path) in enumerate(cfg.adapters.items(), start=1):
             folder = _adapter_folder(project_path(path))
             meta = read_meta(folder)
-            if model_kind(meta) == "encoder":
-                raise ValueError(f"adapters: {name} is an encoder classifier; serve it merged, on its own (run: ...)")
+            if not kind_of(meta).serves_adapters:
+                raise ValueError(f"adapters: {name} is a {kind_of(meta).name} classifier; serve it merged, on its own "
+                                 f"(run: ...)")
             bases.add(meta["base_model"])
             specs[name] = ClassifierSpec(name, meta, str(folder), str(folder), i)
         if len(bases) != 1:
@@ -155,9 +157,7 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
             run_name = run.name
         meta = read_meta(folder)
         name = cfg.name or (run_name if NAME_RE.match(run_name) else "default")
-        if model_kind(meta) == "encoder" and meta["kind"] == "adapter":
-            raise ValueError(f"{folder}: an encoder classifier is served merged (vLLM has no LoRA for its head): "
-                             f"run `python -m ray_jobs.export` first")
+        kind_of(meta).check_servable(meta, str(folder))
         if meta["kind"] == "adapter":  # base + adapter (slower on CPU than a merged model)
             specs[name] = ClassifierSpec(name, meta, str(folder), str(folder), 1)
             engine_model = resolve_model(meta["base_model"], model_cache_dir)
@@ -173,9 +173,9 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
     # A prompt may use all of max_length (PromptFormat cuts long texts to it, as evaluation does): leave the engine
     # room for the label tokens after it.
     max_len = max(prompt_format(s.meta).max_length for s in specs.values())
-    encoder = any(model_kind(s.meta) == "encoder" for s in specs.values())  # one classifier: checked above
-    return ServingPlan(engine_model, specs, default, max_len + (0 if encoder else LABEL_ROOM), enable_lora=bool(ranks),
-                       max_loras=max(1, len(ranks)), max_lora_rank=rank, runner="pooling" if encoder else "generate")
+    kind = kind_of(specs[default].meta)  # several classifiers are adapters of one kind (checked above)
+    return ServingPlan(engine_model, specs, default, max_len + kind.label_room, enable_lora=bool(ranks),
+                       max_loras=max(1, len(ranks)), max_lora_rank=rank, runner=kind.runner)
 
 
 def pin_model(cfg: ServeConfig, plan: ServingPlan) -> ServeConfig:
@@ -293,23 +293,17 @@ def apply_abstain(result: dict[str, Any], threshold: Optional[float]) -> dict[st
 class _Loaded:
     spec: ClassifierSpec
     fmt: PromptFormat
-    tokenizer: Any
-    plan: Optional[ScoringPlan]  # None: an encoder
-    params: Any
+    scorer: Scorer  # the kind's encode, engine params and parse
 
     def encode(self, text: str):
-        if self.plan is None:
-            from .encoder import encode
+        return self.scorer.encode(text)
 
-            return encode(self.tokenizer, self.fmt, text)
-        return self.fmt.encode(self.tokenizer, text)
+    @property
+    def params(self) -> Any:
+        return self.scorer.params
 
     def parse(self, out: Any) -> dict[str, Any]:
-        if self.plan is None:
-            from .encoder import result
-
-            return result(self.fmt.labels, out.data.tolist())
-        return parse_output(self.plan, out)
+        return self.scorer.parse(out)
 
 
 class Classifiers:
@@ -326,14 +320,7 @@ class Classifiers:
 
                 tok = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
             fmt = prompt_format(spec.meta)
-            if model_kind(spec.meta) == "encoder":
-                from .encoder import pooling_params
-
-                self.loaded[name] = _Loaded(spec, fmt, tok, None, pooling_params())
-                continue
-            sp = scoring_plan(fmt, tok)
-            params = sampling_params(sp, max(len(x) for x in fmt.label_token_ids(tok)) + 1)
-            self.loaded[name] = _Loaded(spec, fmt, tok, sp, params)
+            self.loaded[name] = _Loaded(spec, fmt, kind_of(spec.meta).scorer(fmt, tok))
 
     @property
     def names(self) -> list[str]:

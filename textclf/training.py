@@ -29,15 +29,17 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
 
 
 def lora_config(cfg: Config):
-    """SEQ_CLS (the encoder kind): PEFT also trains the classification head (`classifier`/`score`) in full."""
+    """The adapter; its PEFT task type is the kind's (SEQ_CLS also trains the classification head in full)."""
     from peft import LoraConfig, TaskType
+
+    from .kinds import get_kind
 
     return LoraConfig(
         r=cfg.lora.lora_r,
         lora_alpha=cfg.lora.lora_alpha,
         lora_dropout=cfg.lora.lora_dropout,
         target_modules=list(cfg.lora.target_modules),
-        task_type=TaskType.SEQ_CLS if cfg.model.model_kind == "encoder" else TaskType.CAUSAL_LM,
+        task_type=TaskType[get_kind(cfg.model.model_kind).peft_task_type],
     )
 
 

@@ -2,7 +2,7 @@
 
 Training: `AutoModelForSequenceClassification` with a PEFT LoRA adapter (the head trained in full), run by the HF
 `Trainer` with the same arguments, callbacks and checkpoints as the generative kind (`textclf.training`).
-Inference: vLLM's pooling runner (`classify`), offline in the evaluation job and through `AsyncLLM.encode` in Serve.
+Inference: vLLM's pooling runner (`encode` with the classify task), offline in evaluation and in Serve.
 Label ids are the positions in the classifier's label set (`PromptFormat.labels`, the one list every kind and
 step uses); the exported config.json carries them as id2label, so vLLM's class i is `labels[i]`.
 No Ray here.
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .config import Config
-from .inference import BatchClassifier, bind_engine_threads, engine_kwargs
-from .prompts import Encoded, PromptFormat, token_ids
-from .training import ProgressCallback, lora_config, resolve_precision, trainer_arguments
+from ..prompts import Encoded, PromptFormat, token_ids
+from .base import ModelKind, Scorer
 
 
 def encode(tokenizer, fmt: PromptFormat, text: str) -> Encoded:
@@ -33,12 +31,25 @@ def label_maps(labels: Sequence[str]) -> dict[str, Any]:
             "label2id": {label: i for i, label in enumerate(labels)}}
 
 
+def load_tokenizer(model_path: str):
+    """The model's tokenizer with a padding token (decoders often have none: their end-of-text token pads)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32"):
     import torch
     from transformers import AutoModelForSequenceClassification
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype, **label_maps(labels))
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype, **label_maps(labels))
+    if model.config.pad_token_id is None:  # a decoder's head reads the last token that is not padding
+        model.config.pad_token_id = load_tokenizer(model_path).pad_token_id
+    return model
 
 
 def to_hf_dataset(rows: Sequence[dict[str, Any]]):
@@ -58,7 +69,7 @@ def _accuracy(eval_pred) -> dict[str, float]:
 
 
 def build_trainer(
-    cfg: Config,
+    cfg,
     model_path: str,
     train_rows: Sequence[dict[str, Any]],
     eval_rows: Optional[Sequence[dict[str, Any]]],
@@ -70,7 +81,9 @@ def build_trainer(
 ):
     """The encoder counterpart of `textclf.training.build_trainer` (same arguments, plus the label set)."""
     from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+    from ..training import ProgressCallback, lora_config, resolve_precision, trainer_arguments
 
     if not labels:
         raise ValueError("the encoder kind needs the label set")
@@ -81,7 +94,7 @@ def build_trainer(
         # number of workers (measured: a 10-class start at 4.6 = 2 x ln 10 on 2 workers).
         average_tokens_across_devices=False,
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(model_path)
     # The new head and the LoRA matrices are drawn here, before the Trainer seeds anything: seed them so that a run
     # repeats (TRL builds the generative kind's adapter inside the Trainer, after its seeding).
     set_seed(cfg.train.seed)
@@ -123,23 +136,54 @@ def result(labels: Sequence[str], probs: Sequence[float]) -> dict[str, Any]:
             "scores": {label: float(p) for label, p in zip(labels, probs)}}
 
 
-class EncoderBatchClassifier(BatchClassifier):
-    """`BatchClassifier` for the encoder kind: `LLM(runner="pooling").classify()` on the merged model."""
+class HeadScorer(Scorer):
+    """Serving and evaluation through vLLM's pooling runner: the head's softmax over the label set."""
 
-    def __init__(self, model_dir: str, meta: dict[str, Any], engine_options: dict[str, Any],
-                 adapter_dir: Optional[str] = None, cpu_threads_bind: Optional[str] = "all"):
-        from transformers import AutoTokenizer
-        from vllm import LLM
+    def __init__(self, fmt: PromptFormat, tokenizer):
+        self.fmt, self.tokenizer = fmt, tokenizer
+        self.params = pooling_params()
 
-        if adapter_dir:
-            raise ValueError("the encoder kind is evaluated merged (vLLM has no LoRA for classification heads)")
-        bind_engine_threads(cpu_threads_bind)
-        self.fmt = PromptFormat.from_dict(meta["prompt"])
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, runner="pooling", **engine_options))
+    def encode(self, text: str) -> Encoded:
+        return encode(self.tokenizer, self.fmt, text)
 
-    def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
-        encoded = [encode(self.tokenizer, self.fmt, t) for t in texts]
-        outputs = self.llm.classify([{"prompt_token_ids": e.input_ids} for e in encoded], use_tqdm=False)
-        return [{**result(self.fmt.labels, out.outputs.probs), "truncated": e.truncated}
-                for e, out in zip(encoded, outputs)]
+    def parse(self, output: Any) -> dict[str, Any]:
+        return result(self.fmt.labels, output.data.tolist())
+
+
+class EncoderKind(ModelKind):
+    """A sequence classification head (e.g. BERT) on the plain text, trained by the HF Trainer with LoRA."""
+
+    name = "encoder"
+    defaults: dict[str, Any] = {
+        "model": "all-minilm-l6-v2",
+        "max_length": 64,  # short queries; a data set with longer texts raises it (its token lengths decide)
+        "target_modules": ["query", "key", "value", "dense"],
+        "max_steps": -1,
+        "num_epochs": 5.0,
+        "per_device_batch_size": 32,
+        "learning_rate": 1e-3,  # chosen over seeds on the bundled data: README, "Two kinds of classifier"
+        "warmup_steps": 20,
+        "eval_steps": 50,
+        "save_steps": 50,
+    }
+    peft_task_type = "SEQ_CLS"  # PEFT also trains the classification head (`classifier`/`score`) in full
+    runner = "pooling"
+    serves_adapters = False
+    label_room = 0
+
+    def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
+        return encode(tokenizer, fmt, text), {"label_id": fmt.labels.index(label)}
+
+    def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
+        return encode(tokenizer, fmt, text)
+
+    def build_trainer(self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str],
+                      use_gpu: bool = False, callbacks: Sequence[Any] = (), report_to: Sequence[str] = ()):
+        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, use_gpu=use_gpu, callbacks=callbacks,
+                             report_to=report_to, labels=labels)
+
+    def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
+        return merge(adapter_dir, base_model_path, labels)
+
+    def scorer(self, fmt: PromptFormat, tokenizer) -> Scorer:
+        return HeadScorer(fmt, tokenizer)

@@ -1,0 +1,25 @@
+"""The decoder-head kind: a causal LM (SmolLM2 by default) with a sequence classification head on its last token,
+the head trained in full and LoRA on the layers. No prompt and no label list: the plain text in, one softmax over the
+label set out, from one forward pass; served by vLLM's pooling runner (e.g. LlamaForSequenceClassification).
+Everything but the defaults is the encoder kind's (textclf.kinds.encoder): HF Trainer, merge, pooling scorer."""
+from __future__ import annotations
+
+from typing import Any
+
+from .encoder import EncoderKind
+
+
+class DecoderHeadKind(EncoderKind):
+    name = "decoder-head"
+    defaults: dict[str, Any] = {
+        "model": "smollm2-135m-instruct",
+        "max_length": 64,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "max_steps": -1,
+        "num_epochs": 1.0,
+        "per_device_batch_size": 16,
+        "learning_rate": 5e-4,
+        "warmup_steps": 10,
+        "eval_steps": 50,
+        "save_steps": 50,
+    }
