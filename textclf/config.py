@@ -559,7 +559,7 @@ def config_parser(description: str = "") -> argparse.ArgumentParser:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             by_kind = "".join(f"; {kind}: {_shown(d[f.name])}" for kind, d in KIND_DEFAULTS.items()
                               if f.name in d and d[f.name] != default)
-            text = f"(default {_shown(default)}{by_kind}) {f.metadata['help']}"
+            text = f"(default {_shown(default)}{by_kind}) {f.metadata.get('help', '')}"
             group.add_argument(f"--{f.name.replace('_', '-')}", metavar=_metavar(index[f.name][2]),
                                help=text.replace("%", "%%"))
     return parser
