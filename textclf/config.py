@@ -1,7 +1,8 @@
 """Typed run configuration: dataclass defaults, overridden by a YAML file, then by CLI flags.
 
 Every field name is unique across sections, so `--learning-rate 1e-3` and `--train.learning_rate 1e-3`
-both work; YAML may be flat or nested by section.
+both work; YAML may be flat or nested by section. Each field's help is in its metadata, which `--help` lists;
+HF/TRL names (ALIASES, SWITCHES) are accepted for this project's keys.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,95 +24,226 @@ from .prompts import DEFAULT_INSTRUCTION
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# HF TrainingArguments / TRL names for this project's keys, accepted on the command line and in YAML (flat or in the
+# key's section), so that a TRL config's settings carry over; --help prints this table.
+ALIASES: dict[str, str] = {
+    "model_name_or_path": "model",
+    "max_seq_length": "max_length",
+    "dataset_name": "hf_dataset",
+    "dataset_config_name": "hf_config",
+    "dataset_config": "hf_config",
+    "dataset_text_field": "text_field",
+    "lora_target_modules": "target_modules",
+    "num_train_epochs": "num_epochs",
+    "per_device_train_batch_size": "per_device_batch_size",
+    "lr_scheduler_type": "lr_scheduler",
+    "save_total_limit": "checkpoints_to_keep",
+}
+# HF/TRL switches with a meaning here: bf16 / fp16 true set precision (given, and neither true: fp32); LoRA is always
+# on, so use_peft true is accepted as it is and false refused.
+SWITCHES: dict[str, Optional[str]] = {"bf16": "precision", "fp16": "precision", "use_peft": None}
+# HF/TRL names left out on purpose; the unknown-key error says why and what to set instead.
+NO_EQUIVALENT: dict[str, str] = {
+    "output_dir": "set runs_dir and name (the run folder is <runs_dir>/<name>; a rerun of a name resumes)",
+    "run_name": "set name (it is also the run folder; a rerun of a name resumes)",
+    "per_device_eval_batch_size": "nothing to set (evaluation in training takes max(32, 2 x per_device_batch_size))",
+}
+
+
 @dataclass
 class DataConfig:
-    # Bundled 10-domain CLINC150 subset; relative paths resolve against the working directory first, then the
-    # project root (so `ray job submit --working-dir .` finds them too).
-    train_file: Optional[str] = "data/clinc150/train.jsonl"
-    validation_file: Optional[str] = "data/clinc150/validation.jsonl"
-    test_file: Optional[str] = "data/clinc150/test.jsonl"
-    hf_dataset: Optional[str] = None  # a Hub id or a `save_to_disk` folder; replaces the files when set
-    hf_config: Optional[str] = None
-    text_field: str = "text"
-    label_field: str = "label"
-    labels: Optional[list[str]] = None  # the allowed label set; inferred from the training data when unset
-    test_size: float = 0.2  # used only when no test file is given
-    validation_size: float = 0.1  # used only when no validation file is given
-    split_seed: int = 42
-    max_train_examples: Optional[int] = None  # a stratified subsample, for quick runs
-    max_eval_examples: Optional[int] = None
+    """Where the examples come from and how they are split."""
+
+    train_file: Optional[str] = field(
+        default="data/clinc150/train.jsonl",
+        metadata={"help": "JSONL training rows, by default the bundled 10-domain CLINC150 subset; relative paths "
+                          "resolve against the working directory, then the project root, so `ray job submit "
+                          "--working-dir .` finds them too"},
+    )
+    validation_file: Optional[str] = field(
+        default="data/clinc150/validation.jsonl",
+        metadata={"help": "JSONL validation rows; none: validation_size of the training rows, split off stratified"},
+    )
+    test_file: Optional[str] = field(
+        default="data/clinc150/test.jsonl",
+        metadata={"help": "JSONL test rows; none: test_size of the training rows, split off stratified"},
+    )
+    hf_dataset: Optional[str] = field(
+        default=None, metadata={"help": "a Hugging Face Hub dataset id or a `save_to_disk` folder; replaces the files"}
+    )
+    hf_config: Optional[str] = field(default=None, metadata={"help": "the Hub dataset's configuration (subset) name"})
+    text_field: str = field(default="text", metadata={"help": "the field that holds the text"})
+    label_field: str = field(default="label", metadata={"help": "the field that holds the label"})
+    labels: Optional[list[str]] = field(
+        default=None, metadata={"help": "the allowed label set; inferred from the training data when unset"}
+    )
+    test_size: float = field(default=0.2, metadata={"help": "test fraction; used only when no test file is given"})
+    validation_size: float = field(
+        default=0.1, metadata={"help": "validation fraction; used only when no validation file is given"}
+    )
+    split_seed: int = field(default=42, metadata={"help": "seed of the stratified splits and subsamples"})
+    max_train_examples: Optional[int] = field(
+        default=None, metadata={"help": "a stratified subsample of the training rows, for quick runs"}
+    )
+    max_eval_examples: Optional[int] = field(
+        default=None, metadata={"help": "a stratified subsample of the validation and of the test rows, for quick runs"}
+    )
 
 
 @dataclass
 class ModelConfig:
-    # a name in textclf.kinds.KINDS: generative (a causal LM answering with the label, TRL SFT), encoder (a sequence
-    # classification head on an encoder), decoder-head (a classification head on a causal LM)
-    model_kind: str = "generative"
-    model: str = DEFAULT_MODEL  # a Hub id, a local path, or a bundled alias (the encoder kind defaults to all-minilm-l6-v2)
-    model_cache_dir: Optional[str] = None  # where converted bundled models live; default ~/.cache/textclf
-    max_length: int = 256  # prompt + label tokens; longer texts are cut and counted
-    use_chat_template: bool = True  # used when the tokenizer has one
-    instruction: str = DEFAULT_INSTRUCTION
+    """The base model and the prompt."""
+
+    model_kind: str = field(
+        default="generative",
+        metadata={"help": "a name in textclf.kinds.KINDS: generative (a causal LM that answers with the label, TRL "
+                          "SFT), encoder (a classification head on an encoder), decoder-head (a classification head "
+                          "on a causal LM)"},
+    )
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "a Hub id, a local path, or a bundled alias"})
+    model_cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "where converted bundled models live; none: ~/.cache/textclf"}
+    )
+    max_length: int = field(
+        default=256, metadata={"help": "prompt + label tokens; longer texts are cut, and counted in the data report"}
+    )
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"}
+    )
+    instruction: str = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "the system instruction; must contain the placeholder {labels}"}
+    )
 
 
 @dataclass
 class LoraConfig:
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    """The LoRA adapter (always on)."""
+
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling: the update is multiplied by alpha / r"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA layers' input"})
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "names of the modules that get LoRA adapters"},
     )
 
 
 @dataclass
 class TrainConfig:
-    # One worker with every core by default: on a 2-core machine two 1-thread gloo workers trained 0.90x as fast as
-    # one 2-thread process (bench/pipeline_throughput.py). Clusters set num_workers (configs/llama3-8b-gpu.yaml).
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: Optional[float] = None  # None: 1 with GPUs, else the cluster's CPUs / num_workers (capped per node)
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32
-    num_epochs: float = 1.0
-    # 140 steps x 16 examples (2,240 rows) on the bundled data: ~11 minutes on 2 CPU cores (120 steps gave 0.895).
-    max_steps: int = 140  # overrides num_epochs when > 0; -1 trains num_epochs
-    per_device_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 10
-    eval_steps: int = 70  # one eval of the 300 validation rows costs ~30 s on 2 CPU cores
-    save_steps: int = 70
-    logging_steps: int = 10
-    checkpoints_to_keep: int = 2
-    max_failures: int = 0  # Ray Train restarts the worker group from the latest checkpoint up to this many times
-    placement_strategy: str = "PACK"  # SPREAD puts the workers on different nodes where it can
-    gradient_checkpointing: bool = False
-    share_prompt_prefix: bool = True  # the batch's common prompt prefix once, rows unpadded (same loss, ~3.7x faster on CPU)
-    seed: int = 42
+    """Ray Train and the trainer's hyperparameters."""
+
+    num_workers: int = field(
+        default=1,
+        metadata={"help": "Ray Train workers (DDP); one with every core by default, since on few CPU cores one "
+                          "multi-threaded process trains faster than several gloo workers; clusters set more"},
+    )
+    use_gpu: bool = field(default=False, metadata={"help": "train on GPUs, one per worker (NCCL)"})
+    cpus_per_worker: Optional[float] = field(
+        default=None,
+        metadata={"help": "CPUs per worker; none: 1 beside a GPU, else cluster CPUs / num_workers, capped per node"},
+    )
+    precision: str = field(
+        default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32"}
+    )
+    num_epochs: float = field(default=1.0, metadata={"help": "passes over the training rows when max_steps is -1"})
+    max_steps: int = field(
+        default=140,
+        metadata={"help": "optimizer steps; overrides num_epochs when > 0, -1 trains num_epochs (the default: a short "
+                          "CPU run on the bundled data, under one epoch)"},
+    )
+    per_device_batch_size: int = field(
+        default=16,
+        metadata={"help": "training rows per worker and step (evaluation in training takes max(32, twice this))"},
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "batches whose gradients are summed into one optimizer step"}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={"help": "the learning-rate schedule (a transformers SchedulerType): cosine, linear, constant, ..."},
+    )
+    warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up"})
+    eval_steps: int = field(
+        default=70, metadata={"help": "steps between evaluations of the validation split (each one a full pass)"}
+    )
+    save_steps: int = field(
+        default=70,
+        metadata={"help": "steps between checkpoints; a multiple of eval_steps (ranked by the eval loss before them)"},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "steps between logged training metrics"})
+    checkpoints_to_keep: int = field(
+        default=2, metadata={"help": "checkpoints kept: Ray Train's, ranked by eval loss, and each worker's local ones"}
+    )
+    max_failures: int = field(
+        default=0, metadata={"help": "times Ray Train restarts the worker group from the latest checkpoint"}
+    )
+    placement_strategy: str = field(
+        default="PACK",
+        metadata={"help": "Ray placement of the workers: PACK, SPREAD (different nodes where it can), STRICT_PACK or "
+                          "STRICT_SPREAD"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass: less memory, slower (no shared prefix)"},
+    )
+    share_prompt_prefix: bool = field(
+        default=True,
+        metadata={"help": "compute the batch's common prompt prefix once and the rows unpadded: the same loss, "
+                          "faster on CPU"},
+    )
+    seed: int = field(
+        default=42, metadata={"help": "training seed: the adapter's (and encoder head's) init and the data order"}
+    )
 
 
 @dataclass
 class EvalConfig:
-    eval_batch_size: int = 256
-    max_num_seqs: int = 256
-    kv_cache_gib: float = 1.0  # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU
-    gpu_memory_utilization: float = 0.85
-    eval_adapter: bool = False  # evaluate base + adapter instead of the merged model (slow on CPU)
-    eval_num_cpus: float = 1.0
-    eval_num_gpus: float = 0.0
-    cpu_threads_bind: Optional[str] = "all"  # cores for the vLLM CPU engine: all, a list like 0-3, or none (vLLM's choice)
+    """The test-set evaluation: Ray Data batches through a vLLM engine."""
+
+    eval_batch_size: int = field(default=256, metadata={"help": "test rows per Ray Data batch sent to the engine"})
+    max_num_seqs: int = field(default=256, metadata={"help": "vLLM's most sequences in one engine step"})
+    kv_cache_gib: float = field(
+        default=1.0, metadata={"help": "vLLM KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU"}
+    )
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "the fraction of GPU memory vLLM may take"})
+    eval_adapter: bool = field(
+        default=False, metadata={"help": "evaluate base + adapter instead of the merged model (slow on CPU)"}
+    )
+    eval_num_cpus: float = field(default=1.0, metadata={"help": "CPUs reserved for the evaluation actor"})
+    eval_num_gpus: float = field(default=0.0, metadata={"help": "GPUs reserved for the evaluation actor"})
+    cpu_threads_bind: Optional[str] = field(
+        default="all",
+        metadata={"help": "cores for the vLLM CPU engine: all, a list like 0-3, or none (vLLM's choice)"},
+    )
 
 
 @dataclass
 class RunConfig:
-    name: Optional[str] = None  # defaults to a timestamp
-    runs_dir: str = "runs"  # or a URI (s3://bucket/runs, gs://..., file://...): mirrored after each step
-    storage_path: Optional[str] = None  # Ray Train storage (a path every node sees, or a URI); default the run folder
-    mlflow_uri: Optional[str] = None  # default: a local file store at <runs_dir>/mlruns
-    experiment: str = "textclf"
-    ray_address: Optional[str] = None  # default: RAY_ADDRESS, else an embedded local Ray
+    """Where the run goes: folders, Ray Train storage, MLflow, the Ray cluster."""
+
+    name: Optional[str] = field(
+        default=None,
+        metadata={"help": "the run folder's name under runs_dir (a rerun with the same name resumes); none: a "
+                          "timestamp"},
+    )
+    runs_dir: str = field(
+        default="runs",
+        metadata={"help": "the folder of the runs, or a URI (s3://bucket/runs, gs://..., file://...) mirrored after "
+                          "each step"},
+    )
+    storage_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Ray Train storage (a path every node sees, or a URI); none: the run folder"},
+    )
+    mlflow_uri: Optional[str] = field(
+        default=None, metadata={"help": "MLflow tracking URI; none: a local file store at <runs_dir>/mlruns"}
+    )
+    experiment: str = field(default="textclf", metadata={"help": "the MLflow experiment"})
+    ray_address: Optional[str] = field(
+        default=None, metadata={"help": "the Ray cluster's address; none: RAY_ADDRESS, else an embedded local Ray"}
+    )
 
 
 @dataclass
@@ -170,6 +303,7 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             assert f.name not in index, f"duplicate config field {f.name}"
+            assert f.name not in {**ALIASES, **SWITCHES, **NO_EQUIVALENT}, f"config field {f.name} is an HF/TRL alias"
             index[f.name] = (section, f, hints[f.name])
     return index
 
@@ -232,19 +366,66 @@ def _flatten_yaml(data: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _unknown_keys_error(keys: list[str]) -> ValueError:
+    names = [k.split(".")[-1].replace("-", "_") for k in keys]
+    why = "".join(f"; {n}: {NO_EQUIVALENT[n]}" for n in dict.fromkeys(names) if n in NO_EQUIVALENT)
+    listed = ", ".join(repr(k) for k in keys)
+    return ValueError(f"unknown config key{'s' if len(keys) > 1 else ''} {listed}{why} (--help lists the keys)")
+
+
+def _resolve(given: dict[str, Any], index) -> dict[str, tuple[str, Any]]:
+    """One source's keys (a YAML file, or the command line's) as field -> (the key as given, its value converted):
+    HF/TRL names become this project's keys; two names for one field with different values are refused."""
+    out: dict[str, tuple[str, Any, bool]] = {}
+
+    def put(name: str, key: str, value: Any, aliased: bool) -> None:
+        if name in out and (aliased or out[name][2]) and out[name][1] != value:
+            raise ValueError(f"config keys {out[name][0]!r} and {key!r} both set {name}, to different values "
+                             f"({out[name][1]!r}, {value!r})")
+        out[name] = (key, value, aliased or (name in out and out[name][2]))
+
+    names = {key: key.split(".")[-1].replace("-", "_") for key in given}
+    unknown = [key for key, name in names.items() if name not in SWITCHES and ALIASES.get(name, name) not in index]
+    if unknown:
+        raise _unknown_keys_error(unknown)
+    switches: dict[str, tuple[str, bool]] = {}
+    for key, value in given.items():
+        name = names[key]
+        field_name = SWITCHES[name] if name in SWITCHES else ALIASES.get(name, name)
+        section = index[field_name][0] if field_name else None  # use_peft may stand in any section
+        if section and "." in key and key.split(".")[0] != section:
+            shown = name if name == field_name else f"{name} ({field_name})"
+            raise ValueError(f"config key {key!r}: {shown} belongs to section {section!r}")
+        if name in SWITCHES:
+            switches[name] = (key, _convert(value, bool, key))
+        else:
+            put(field_name, key, _convert(value, index[field_name][2], key), aliased=name != field_name)
+    if "use_peft" in switches and not switches.pop("use_peft")[1]:
+        raise ValueError("config use_peft false: this project always trains a LoRA adapter (no full fine-tuning)")
+    if switches:
+        on = [name for name, (_, v) in switches.items() if v]
+        if len(on) > 1:
+            raise ValueError("config bf16 and fp16 are both true: set one (or precision)")
+        put("precision", " / ".join(k for k, _ in switches.values()), on[0] if on else "fp32", aliased=True)
+    return {name: (key, value) for name, (key, value, _) in out.items()}
+
+
 def load_config(config_path: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> Config:
     cfg = Config()
     index = _field_index()
-    given: dict[str, Any] = {}
+    given: dict[str, tuple[str, Any]] = {}
     if config_path:
         data = yaml.safe_load(Path(config_path).read_text())
         if data is not None and not isinstance(data, dict):
             raise ValueError(f"{config_path}: expected a mapping of config keys")
-        given.update(_flatten_yaml(data))
-    given.update(overrides or {})
-    for key, value in given.items():
-        _apply(cfg, key, value, index)
-    _apply_kind_defaults(cfg, {k.split(".")[-1].replace("-", "_") for k in given}, index)
+        try:
+            given.update(_resolve(_flatten_yaml(data), index))
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+    given.update(_resolve(overrides or {}, index))  # the command line beats the YAML, whatever names either used
+    for name, (_, value) in given.items():
+        setattr(getattr(cfg, index[name][0]), name, value)
+    _apply_kind_defaults(cfg, set(given), index)
     validate_config(cfg)
     return cfg
 
@@ -306,11 +487,82 @@ def config_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[s
     return overrides
 
 
+USAGE = "%(prog)s [-h] [--config YAML] [--KEY VALUE ...]"
+SPELLINGS = ("Every key also works as --key_name and --section.key, and as --key=value; a boolean alone (--use-gpu) "
+             "is true; lists take a,b,c or JSON; none unsets an optional key.")
+
+
+def _shown(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _metavar(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return "LIST" if typing.get_origin(tp) is list else "[BOOL]" if tp is bool else tp.__name__.upper()
+
+
+def _aliases_text() -> str:
+    """The alias table for --help's epilog."""
+    rows = list(ALIASES.items())
+    rows += [("bf16, fp16", "true: precision bf16 / fp16; given, and neither true: fp32"),
+             ("use_peft", "true is accepted (LoRA is always on); false is refused")]
+    lines = ["HF/TRL names, accepted on the command line and in YAML:"] + [f"  {a:<28} {k}" for a, k in rows]
+    lines += ["Left out (an unknown-key error, saying what to set instead):"]
+    lines += [f"  {a:<28} {why}" for a, why in NO_EQUIVALENT.items()]
+    return "\n".join(lines)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The scripts' docstrings and the epilog as written; help lines wrapped at spaces only (paths, model ids)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False)
+
+
+def config_parser(description: str = "") -> argparse.ArgumentParser:
+    """The entry points' --help: --config, then every config key by section with its type, default and help, from the
+    dataclass fields. Only for showing: the keys themselves are read by config_overrides, which takes every spelling."""
+    epilog = f"{textwrap.fill(SPELLINGS, 100, break_on_hyphens=False)}\n\n{_aliases_text()}"
+    parser = argparse.ArgumentParser(description=description, usage=USAGE, formatter_class=_HelpFormatter,
+                                     allow_abbrev=False, epilog=epilog)
+    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys, flat or by section; the keys "
+                                                         "given below override it")
+    index = _field_index()
+    from .kinds import get_kind, names
+
+    kind_defaults = {kind: get_kind(kind).defaults for kind in names()}
+    for section, cls in _section_classes().items():
+        group = parser.add_argument_group(f"{section} keys", cls.__doc__)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            by_kind = "".join(f"; {kind}: {_shown(d[f.name])}" for kind, d in kind_defaults.items()
+                              if f.name in d and d[f.name] != default)
+            text = f"(default {_shown(default)}{by_kind}) {f.metadata.get('help', '')}"
+            group.add_argument(f"--{f.name.replace('_', '-')}", metavar=_metavar(index[f.name][2]),
+                               help=text.replace("%", "%%"))
+    return parser
+
+
 def parse_args(argv: Optional[list[str]] = None, description: str = "") -> Config:
-    """`--config run.yaml` plus any number of `--key value` (or `--section.key value`) overrides."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file with config keys (flat or by section)")
-    args, rest = parser.parse_known_args(argv)
+    """`--config run.yaml` plus any number of `--key value` (or `--section.key value`) overrides; --help lists every
+    key."""
+    parser = config_parser(description)
+    # The keys are read by config_overrides (every spelling, in order), so only --config and --help are parsed here.
+    known = argparse.ArgumentParser(prog=parser.prog, usage=USAGE, add_help=False, allow_abbrev=False)
+    known.add_argument("-h", "--help", action="store_true")
+    known.add_argument("--config")
+    args, rest = known.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        parser.exit()
     overrides = config_overrides(parser, rest)
     try:
         return load_config(args.config, overrides)
