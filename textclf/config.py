@@ -22,6 +22,7 @@ from .prompts import DEFAULT_INSTRUCTION
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODEL_KINDS = ("generative", "encoder")
+ON_EXISTING = ("refuse", "resume", "overwrite")  # what a step does with a run already under its name (textclf.runs)
 
 # Defaults that differ by model kind; a value given in the YAML or on the command line always wins.
 # encoder: all-MiniLM-L6-v2 (BERT) with a classification head; CLINC queries are short (p95 ~20 tokens).
@@ -131,6 +132,7 @@ class RunConfig:
     mlflow_uri: Optional[str] = None  # default: a local file store at <runs_dir>/mlruns
     experiment: str = "textclf"
     ray_address: Optional[str] = None  # default: RAY_ADDRESS, else an embedded local Ray
+    on_existing: str = "refuse"  # a used --name: refuse a rerun that differs, resume anyway (same labels) or overwrite
 
 
 @dataclass
@@ -277,6 +279,12 @@ def _apply_kind_defaults(cfg: Config, given: set[str], index) -> None:
 
 def validate_config(cfg: Config) -> None:
     t = cfg.train
+    name = cfg.run.name
+    if name is not None and (name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/"))):
+        # the run folder is <runs_dir>/<name>, and --on-existing overwrite deletes it
+        raise ValueError(f"run.name must name a folder inside runs_dir, not {name!r}")
+    if cfg.run.on_existing not in ON_EXISTING:
+        raise ValueError(f"run.on_existing must be one of {', '.join(ON_EXISTING)}, not {cfg.run.on_existing!r}")
     if cfg.model.model_kind not in MODEL_KINDS:
         raise ValueError(f"model.model_kind must be one of {', '.join(MODEL_KINDS)}, not {cfg.model.model_kind!r}")
     if t.num_workers < 1:
