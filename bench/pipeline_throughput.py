@@ -24,6 +24,7 @@ from ray_jobs.prepare import prepare, read_split
 from ray_jobs.train import train
 from textclf.config import load_config
 from textclf.models import resolve_model
+from textclf.sources import load_splits
 
 
 def main() -> None:
@@ -44,8 +45,9 @@ def main() -> None:
                      eval_steps=args.steps, save_steps=args.steps, logging_steps=max(1, args.steps // 4),
                      max_eval_examples=args.eval_examples)
     cfg = load_config(overrides=overrides)
-    run_dir = start_run(cfg)
-    prepared = prepare(cfg, run_dir)
+    splits = load_splits(cfg.data)
+    run_dir = start_run(cfg, splits, trains=True)
+    prepared = prepare(cfg, run_dir, splits)
 
     # 1a. Ray Train
     train(cfg, run_dir, prepared)

@@ -7,9 +7,11 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-from textclf import storage
+from textclf import runs, storage
 from textclf.config import PROJECT_ROOT, Config
+from textclf.data import Splits
 from textclf.export import latest_run
 
 log = logging.getLogger("ray_jobs")
@@ -52,15 +54,47 @@ def init_ray(cfg: Config) -> None:
     log.info("ray resources: %s", ray.cluster_resources())
 
 
-def start_run(cfg: Config) -> Path:
-    """Name the run (a timestamp unless given), create its folder and record the resolved configuration."""
+def start_run(cfg: Config, splits: Splits, trains: bool = False) -> Path:
+    """Name the run (a timestamp unless given), claim its folder and record the resolved configuration.
+
+    A run already under that name is resumed only when this one is the same (textclf.runs: the model's config keys,
+    the label set, the splits) or on_existing is resume; overwrite removes it first (folder, URI mirror, Ray Train's
+    checkpoints). A step that trains (trains=True), or resumes another setup, also removes what later steps write, so
+    that an earlier attempt's model or metrics can never pass for this one's.
+    """
     if not cfg.run.name:
         cfg.run.name = time.strftime("%Y%m%d-%H%M%S")
+    new = runs.fingerprint(cfg.to_dict(), splits)
+    if cfg.run.on_existing == "overwrite":
+        gone = _remove(cfg, None)
+        if gone:
+            log.info("run %s overwritten: removed %s", cfg.run.name, ", ".join(gone))
     run_dir = open_run(cfg) if cfg.run_uri else cfg.run_dir.resolve()
+    old = runs.recorded(run_dir)
+    how = runs.check(old, new, cfg.run.on_existing, cfg.run.name)
+    if how == "resume":
+        log.warning("run %s resumed on another setup (on_existing=resume): %s", cfg.run.name,
+                    "; ".join(f"{k}: {', '.join(v)}" for k, v in runs.differences(old, new).items() if v))
+    if trains or how == "resume":  # outputs of another setup describe neither run
+        gone = _remove(cfg, runs.OUTPUTS)
+        if gone:
+            log.info("removed the outputs of an earlier attempt: %s", ", ".join(gone))
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
+    runs.record(run_dir, new, old)
+    saved = Config.from_dict(cfg.to_dict())
+    saved.run.on_existing = "refuse"  # a rerun from this file must not overwrite or stretch the run by itself
+    saved.save(run_dir / "config.yaml")
     sync_run(cfg, run_dir)
     return run_dir
+
+
+def _remove(cfg: Config, names: Optional[tuple[str, ...]]) -> list[str]:
+    """Delete the run (names None: all of it, Ray Train's checkpoints included) or the named entries of it, in its
+    local folder and in its URI mirror."""
+    places = [str(cfg.run_dir.resolve()), *([cfg.run_uri] if cfg.run_uri else [])]
+    if names is None and cfg.run.storage_path:  # checkpoints kept apart from the run folder
+        places.append(storage.join(storage_path(cfg, cfg.run_dir), storage.CHECKPOINTS))
+    return [p for place in places for p in storage.remove(place, names)]
 
 
 def open_run(cfg: Config) -> Path:
@@ -71,6 +105,14 @@ def open_run(cfg: Config) -> Path:
     if storage.is_uri(cfg.run.runs_dir):
         raise ValueError(f"runs_dir {cfg.run.runs_dir} is a URI: name the run with --name")
     return (cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))).resolve()
+
+
+def storage_path(cfg: Config, run_dir: Path) -> str:
+    """Ray Train storage: <storage_path>/<run name> (a path every node sees, or an s3:// / gs:// URI), else the run's
+    URI when runs_dir is one, else the local run folder (enough on one machine)."""
+    if cfg.run.storage_path:
+        return storage.join(cfg.run.storage_path, cfg.run.name)
+    return cfg.run_uri or str(run_dir)
 
 
 def sync_run(cfg: Config, run_dir: Path) -> None:

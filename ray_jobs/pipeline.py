@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from textclf.config import Config, parse_args
+from textclf.sources import load_splits
 
 from .common import setup_logging, start_run, sync_run
 from .evaluate import evaluate
@@ -20,10 +21,11 @@ from .train import train
 
 def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
     """(run folder, summary: headline metrics and the time each step took)."""
-    run_dir = start_run(cfg)
     timings = {}
     t0 = time.time()
-    prepared = prepare(cfg, run_dir)
+    splits = load_splits(cfg.data)  # bad data stops here, before the run folder is touched
+    run_dir = start_run(cfg, splits, trains=True)
+    prepared = prepare(cfg, run_dir, splits)
     timings["prepare_s"] = time.time() - t0
     sync_run(cfg, run_dir)  # each step's output reaches the run's URI (if any) as soon as it exists
     t = time.time()

@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from textclf.data import DataValidationError, Example, Splits, read_jsonl
 from textclf.kinds import DEFAULT_KIND, get_kind
 from textclf.models import resolve_model
 from textclf.prompts import PromptFormat, format_from_config
+from textclf.runs import RunConflictError
 from textclf.sources import load_splits
 
 from .common import init_ray, setup_logging, start_run
@@ -107,8 +108,10 @@ def read_split(run_dir: Path, name: str) -> list[Example]:
     return read_jsonl(str(run_dir / "data" / f"{name}.jsonl"))
 
 
-def prepare(cfg: Config, run_dir: Path) -> Prepared:
-    splits = load_splits(cfg.data)  # raises DataValidationError before Ray does anything
+def prepare(cfg: Config, run_dir: Path, splits: Optional[Splits] = None) -> Prepared:
+    """Tokenize the splits (loaded here unless the caller has them: start_run needs them first) and write them."""
+    if splits is None:
+        splits = load_splits(cfg.data)  # raises DataValidationError before Ray does anything
     for w in splits.warnings:
         log.warning("data: %s", w)
     resolve_model(cfg.model.model, cfg.model.model_cache_dir)  # convert the bundled model once, up front
@@ -134,11 +137,11 @@ def prepare(cfg: Config, run_dir: Path) -> Prepared:
 
 
 def exit_on_data_error(fn):
-    """Bad data: every problem on stderr, exit status 2, nothing trained."""
+    """Bad data, or a rerun that would mix two runs: every problem on stderr, exit status 2, nothing trained."""
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except DataValidationError as e:
+        except (DataValidationError, RunConflictError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     return wrapper
@@ -148,8 +151,9 @@ def exit_on_data_error(fn):
 def main(argv=None) -> None:
     setup_logging()
     cfg = parse_args(argv, description=__doc__)
-    run_dir = start_run(cfg)
-    prepared = prepare(cfg, run_dir)
+    splits = load_splits(cfg.data)
+    run_dir = start_run(cfg, splits)
+    prepared = prepare(cfg, run_dir, splits)
     print(f"prepared {run_dir}: " + ", ".join(f"{k} {len(getattr(prepared.splits, k))}" for k in SPLITS))
 
 

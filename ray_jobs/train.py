@@ -3,7 +3,8 @@
     python -m ray_jobs.train [--config run.yaml] [--num-workers 4 --use-gpu true ...]
 
 Runs prepare first, then trains; checkpoints go through Ray Train (the best by eval loss kept, plus the latest),
-a rerun with the same --name resumes from the latest, and the best adapter is exported to <run>/adapter/.
+a rerun with the same --name and setup resumes from the latest (another setup: see --on-existing), and the best
+adapter is exported to <run>/adapter/.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from textclf import storage, tracking
+from textclf import tracking
 from textclf.config import Config, parse_args
 from textclf.export import save_adapter
+from textclf.sources import load_splits
 
-from .common import setup_logging, start_run, sync_run
+from .common import setup_logging, start_run, storage_path, sync_run
 from .prepare import Prepared, exit_on_data_error, prepare
 
 log = logging.getLogger("ray_jobs.train")
@@ -85,14 +87,6 @@ def _final_metrics_callback(path: Path):
                 path.write_text(json.dumps(final, indent=2))
 
     return FinalMetrics()
-
-
-def storage_path(cfg: Config, run_dir: Path) -> str:
-    """Ray Train storage: <storage_path>/<run name> (a path every node sees, or an s3:// / gs:// URI), else the run's
-    URI when runs_dir is one, else the local run folder (enough on one machine)."""
-    if cfg.run.storage_path:
-        return storage.join(cfg.run.storage_path, cfg.run.name)
-    return cfg.run_uri or str(run_dir)
 
 
 def cpus_per_worker(t) -> float:
@@ -180,8 +174,9 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
 def main(argv=None) -> None:
     setup_logging()
     cfg = parse_args(argv, description=__doc__)
-    run_dir = start_run(cfg)
-    adapter = train(cfg, run_dir, prepare(cfg, run_dir))
+    splits = load_splits(cfg.data)  # bad data stops here, before the run folder is touched
+    run_dir = start_run(cfg, splits, trains=True)
+    adapter = train(cfg, run_dir, prepare(cfg, run_dir, splits))
     sync_run(cfg, run_dir)
     print(f"adapter: {adapter}")
 

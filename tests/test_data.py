@@ -123,3 +123,27 @@ def test_hf_dataset_from_disk_with_classlabel(tmp_path):
     splits = load_splits(DataConfig(hf_dataset=str(tmp_path / "hf")))
     assert splits.labels == ["neg", "pos"] and len(splits.test) == 2 and len(splits.validation) == 2
     assert splits.train[0].source.startswith(str(tmp_path / "hf") + "[train]:")
+
+
+def test_hf_classlabel_minus_one_is_an_error_naming_split_and_row(tmp_path):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    train = {"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}
+    train["label"][4] = -1
+    ds = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(train, features=features),
+        # Hub test splits often come unlabelled: -1 must not become the last class
+        "test": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, -1, -1]}, features=features),
+    })
+    ds.save_to_disk(tmp_path / "hf")
+    with pytest.raises(DataValidationError) as e:
+        load_splits(DataConfig(hf_dataset=str(tmp_path / "hf")))
+    errors = e.value.errors
+    assert any("[train]:5: field 'label': label -1 is not one of the ClassLabel's 2 classes (-1: an unlabelled row)"
+               in m for m in errors)
+    assert any(m.endswith("[test]: 2 unlabelled row(s) (label -1, as in many Hub test splits): a split to train or "
+                          "score on needs a label on every row; drop them (e.g. ds.filter(lambda r: r['label'] != -1), "
+                          "then save_to_disk and point hf_dataset at that folder)") for m in errors)
+    assert sum(f"[test]:{row}: field 'label': label -1" in m for m in errors for row in (2, 3)) == 2
+    assert len(errors) == 5  # every split's problems in one report (a hint per split, then its rows)

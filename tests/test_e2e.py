@@ -1,6 +1,6 @@
 """The real stack end to end on a small subset: local Ray, Ray Data, 2 Ray Train workers running TRL SFTTrainer
 with LoRA on SmolLM2-135M, the merge, and a vLLM CPU engine evaluating over Ray Data. One pipeline run is shared
-by the tests below (and by the serving tests); the resume test then continues that run."""
+by the tests below (and by the serving tests); the resume test then continues that run through the pipeline."""
 import json
 import os
 
@@ -88,12 +88,17 @@ def test_bad_data_fails_before_training(tmp_path):
 
 
 def test_rerun_with_same_name_resumes_from_latest_checkpoint(pipeline_run):
+    """A rerun on another setup is refused unless asked to resume; resumed as a whole pipeline, so that the model and
+    report the serving tests read afterwards are the resumed run's (a train step alone removes the stale ones)."""
     runs, run, _ = pipeline_run
     args = [a if a != "4" else "6" for a in SMALL]  # max_steps 4 -> 6
-    proc = run_step("train", "--runs-dir", str(runs), "--name", run.name, *args)
+    refused = run_step("train", "--runs-dir", str(runs), "--name", run.name, *args, timeout=300)
+    assert refused.returncode == 2 and "max_steps 4 -> 6" in refused.stderr, refused.stderr[-3000:]
+    proc = run_step("pipeline", "--runs-dir", str(runs), "--name", run.name, *args, "--on-existing", "resume")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "resuming from" in out
     assert "step 5/6" in out and "step 1/6" not in out  # continued, not restarted
     steps = {json.loads(p.read_text())["global_step"] for p in (run / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json")}
     assert 6 in steps
+    assert (run / "merged" / "classifier.json").exists() and (run / "summary.json").exists()  # made again

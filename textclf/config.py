@@ -23,6 +23,7 @@ from .prompts import DEFAULT_INSTRUCTION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "smollm2-135m-instruct"
+ON_EXISTING = ("refuse", "resume", "overwrite")  # what a step does with a run already under its name (textclf.runs)
 
 # HF TrainingArguments / TRL names for this project's keys, accepted on the command line and in YAML (flat or in the
 # key's section), so that a TRL config's settings carry over; --help prints this table.
@@ -225,8 +226,8 @@ class RunConfig:
 
     name: Optional[str] = field(
         default=None,
-        metadata={"help": "the run folder's name under runs_dir (a rerun with the same name resumes); none: a "
-                          "timestamp"},
+        metadata={"help": "the run folder's name under runs_dir (a rerun with the same name resumes, see "
+                          "on_existing); none: a timestamp"},
     )
     runs_dir: str = field(
         default="runs",
@@ -243,6 +244,11 @@ class RunConfig:
     experiment: str = field(default="textclf", metadata={"help": "the MLflow experiment"})
     ray_address: Optional[str] = field(
         default=None, metadata={"help": "the Ray cluster's address; none: RAY_ADDRESS, else an embedded local Ray"}
+    )
+    on_existing: str = field(
+        default="refuse",
+        metadata={"help": "a --name already used: refuse a rerun that differs (an identical one resumes), resume "
+                          "anyway (same labels only), or overwrite (delete the old run first)"},
     )
 
 
@@ -443,6 +449,12 @@ def validate_config(cfg: Config) -> None:
 
     t = cfg.train
     get_kind(cfg.model.model_kind)  # an unknown kind: the error lists the known ones
+    name = cfg.run.name
+    if name is not None and (name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/"))):
+        # the run folder is <runs_dir>/<name>, and --on-existing overwrite deletes it
+        raise ValueError(f"run.name must name a folder inside runs_dir, not {name!r}")
+    if cfg.run.on_existing not in ON_EXISTING:
+        raise ValueError(f"run.on_existing must be one of {', '.join(ON_EXISTING)}, not {cfg.run.on_existing!r}")
     if t.num_workers < 1:
         raise ValueError("train.num_workers must be >= 1")
     if t.cpus_per_worker is not None and t.cpus_per_worker <= 0:

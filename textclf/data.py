@@ -104,13 +104,33 @@ def read_jsonl(path: str, text_field: str = "text", label_field: str = "label") 
     return examples
 
 
-def read_rows(rows: Iterable[dict], name: str, text_field: str = "text", label_field: str = "label") -> list[Example]:
-    """Validate in-memory rows (a Hugging Face dataset split, say); rows are numbered from 1."""
+def read_rows(rows: Iterable[dict], name: str, text_field: str = "text", label_field: str = "label",
+              label_names: Optional[Sequence[str]] = None) -> list[Example]:
+    """Validate in-memory rows (a Hugging Face dataset split, say); rows are numbered from 1. With label_names (a
+    ClassLabel's), integer labels stand for those names."""
     examples, errors = [], []
+    unlabelled = 0
     for i, row in enumerate(rows, start=1):
-        ex = _check_row(row, f"{name}:{i}", text_field, label_field, errors)
+        where = f"{name}:{i}"
+        if label_names is not None and isinstance(row, dict):
+            label = row.get(label_field)
+            if isinstance(label, int) and not isinstance(label, bool):
+                if not 0 <= label < len(label_names):  # a negative index would silently pick a class from the end
+                    if label == -1:
+                        unlabelled += 1
+                    errors.append(f"{where}: field '{label_field}': label {label} is not one of the ClassLabel's "
+                                  f"{len(label_names)} classes" + (" (-1: an unlabelled row)" if label == -1 else ""))
+                    continue
+                row = {**row, label_field: label_names[label]}
+        ex = _check_row(row, where, text_field, label_field, errors)
         if ex is not None:
             examples.append(ex)
+    if unlabelled:
+        # Said first, so that it shows however many rows are listed after it.
+        errors.insert(0, f"{name}: {unlabelled} unlabelled row(s) (label -1, as in many Hub test splits): a split "
+                         "to train or score on needs a label on every row; drop them (e.g. "
+                         f"ds.filter(lambda r: r['{label_field}'] != -1), then save_to_disk and point hf_dataset "
+                         "at that folder)")
     if errors:
         raise DataValidationError(errors)
     if not examples:

@@ -10,10 +10,8 @@ from .data import DataValidationError, Example, Splits, build_splits, read_jsonl
 
 def _hf_split(ds, split: str, cfg: DataConfig, name: str) -> list[Example]:
     part = ds[split]
-    feature = part.features.get(cfg.label_field)
-    names = getattr(feature, "names", None)  # ClassLabel: integers stand for names
-    rows = part if names is None else ({**r, cfg.label_field: names[r[cfg.label_field]]} for r in part)
-    return read_rows(rows, f"{name}[{split}]", cfg.text_field, cfg.label_field)
+    names = getattr(part.features.get(cfg.label_field), "names", None)  # ClassLabel: integers stand for names
+    return read_rows(part, f"{name}[{split}]", cfg.text_field, cfg.label_field, label_names=names)
 
 
 def _load_hf(cfg: DataConfig) -> tuple[list[Example], Optional[list[Example]], Optional[list[Example]]]:
@@ -27,11 +25,17 @@ def _load_hf(cfg: DataConfig) -> tuple[list[Example], Optional[list[Example]], O
     if "train" not in ds:
         raise DataValidationError([f"{name}: no 'train' split (found {', '.join(ds)})"])
     val_name = next((s for s in ("validation", "valid", "dev") if s in ds), None)
-    return (
-        _hf_split(ds, "train", cfg, name),
-        _hf_split(ds, val_name, cfg, name) if val_name else None,
-        _hf_split(ds, "test", cfg, name) if "test" in ds else None,
-    )
+    errors: list[str] = []
+    parts: list[Optional[list[Example]]] = []
+    for split in ("train", val_name, "test" if "test" in ds else None):
+        try:
+            parts.append(_hf_split(ds, split, cfg, name) if split else None)
+        except DataValidationError as e:  # every split's problems in one report, as for files
+            errors.extend(e.errors)
+            parts.append(None)
+    if errors:
+        raise DataValidationError(errors)
+    return parts[0], parts[1], parts[2]
 
 
 def load_splits(cfg: DataConfig) -> Splits:
