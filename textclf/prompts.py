@@ -3,7 +3,8 @@ the tokens a served request sees are the tokens the model was trained on.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 _LONGEST: dict = {}  # (tokenizer id, format) -> longest label completion in tokens; encode() runs per request
@@ -47,17 +48,28 @@ class PromptFormat:
     instruction: str = DEFAULT_INSTRUCTION
     use_chat_template: bool = True
     max_length: int = 256
+    # What the model answers for each label: the label itself (None), or a one-token code per label where the names
+    # do not each start with a token of their own (fit_answers); the answers' first tokens score every label at once.
+    answers: Optional[tuple[str, ...]] = None
+    list_labels: bool = True  # the prompt lists the answers; off for label sets too long to list
 
     def __post_init__(self):
         if len(self.labels) < 2:
             raise ValueError(f"a classifier needs at least 2 labels, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if self.answers is not None and (len(self.answers) != len(self.labels) or len(set(self.answers)) != len(self.answers)):
+            raise ValueError("answers must be unique, one per label")
+
+    @property
+    def answer_texts(self) -> tuple[str, ...]:
+        return self.answers or self.labels
 
     # -- settings travel with the exported model (classifier.json) -----------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = list(self.labels)
+        d["answers"] = list(self.answers) if self.answers else None
         return d
 
     @classmethod
@@ -67,12 +79,16 @@ class PromptFormat:
             instruction=d.get("instruction", DEFAULT_INSTRUCTION),
             use_chat_template=d.get("use_chat_template", True),
             max_length=d.get("max_length", 256),
+            answers=tuple(d["answers"]) if d.get("answers") else None,
+            list_labels=d.get("list_labels", True),
         )
 
     # -- text -----------------------------------------------------------------------------------------------
     @property
     def system_text(self) -> str:
-        return self.instruction.format(labels=", ".join(self.labels))
+        if self.list_labels:
+            return self.instruction.format(labels=", ".join(self.answer_texts))
+        return self.instruction.format(labels=f"the {len(self.labels)} categories learned in training")
 
     def _chat(self, tokenizer) -> bool:
         return self.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
@@ -101,7 +117,11 @@ class PromptFormat:
         return _AROUND[key]
 
     def completion(self, tokenizer, label: str) -> str:
-        """What the model must produce: the label and the end-of-turn marker, exactly as the template has it."""
+        """What the model must produce for a label: its answer and the end-of-turn marker, exactly as the template
+        has it."""
+        return self._completion(tokenizer, self.answer_texts[self.labels.index(label)])
+
+    def _completion(self, tokenizer, label: str) -> str:
         if self._chat(tokenizer):
             messages = [
                 {"role": "system", "content": self.system_text},
@@ -161,11 +181,74 @@ class PromptFormat:
         firsts = [ids[0] for ids in self.label_token_ids(tokenizer)]
         return len(set(firsts)) == len(firsts)
 
+    def list_tokens(self, tokenizer) -> int:
+        """Tokens the label list takes in the prompt."""
+        return len(self._ids(tokenizer, ", ".join(self.answer_texts)))
+
+
+def _words(label: str) -> list[str]:
+    """A label's words as code candidates: snake_case, kebab-case, spaces and camelCase split."""
+    return [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", label)]
+
+
+def label_codes(fmt: PromptFormat, tokenizer) -> tuple[str, ...]:
+    """One single-token answer per label, each starting with a token no other answer starts with: a word of the label
+    where one is free (so the answer still means something), else a short word from the vocabulary."""
+    taken: set[int] = set()
+    codes: list[Optional[str]] = []
+
+    def first_token(code: str) -> Optional[int]:
+        ids = fmt._ids(tokenizer, fmt._completion(tokenizer, code))
+        alone = fmt._ids(tokenizer, code)
+        return ids[0] if len(alone) == 1 and ids and ids[0] == alone[0] else None
+
+    for label in fmt.labels:
+        code = None
+        words = _words(label)
+        # whole words first, then each word's first token (a prefix still points at the word)
+        prefixes = [tokenizer.decode(fmt._ids(tokenizer, w)[:1]) for w in words]
+        for word in words + [p for p in prefixes if p.isalnum()]:
+            tok = first_token(word)
+            if tok is not None and tok not in taken:
+                code = word
+                taken.add(tok)
+                break
+        codes.append(code)
+    if None in codes:
+        pool = _vocabulary_words(tokenizer)
+        for i, code in enumerate(codes):
+            while code is None:
+                word = next(pool)
+                tok = first_token(word)
+                if tok is not None and tok not in taken and word not in codes:
+                    code = word
+                    taken.add(tok)
+            codes[i] = code
+    return tuple(codes)  # type: ignore[arg-type]
+
+
+def _vocabulary_words(tokenizer):
+    """Plain lower-case words that are one token each, in the vocabulary's order (frequent merges first)."""
+    for tok_id in range(len(tokenizer)):
+        word = tokenizer.decode([tok_id])
+        if word.isascii() and word.isalpha() and word.islower() and 3 <= len(word) <= 10:
+            yield word
+
+
+def fit_answers(fmt: PromptFormat, tokenizer, list_budget: int) -> PromptFormat:
+    """The answers and the label list for this label set under this tokenizer: the label names when each starts
+    with its own token, else one-token codes; listed in the prompt while the list fits in list_budget tokens, so the
+    prompt stops growing with the label count."""
+    if not fmt.first_tokens_distinct(tokenizer):
+        fmt = replace(fmt, answers=label_codes(fmt, tokenizer))
+    return replace(fmt, list_labels=fmt.list_tokens(tokenizer) <= list_budget)
+
 
 def format_from_config(model_cfg, labels: Sequence[str]) -> PromptFormat:
+    """The configured format; a max_length left to the data (None) stays at the dataclass default until fitted."""
     return PromptFormat(
         labels=tuple(labels),
         instruction=model_cfg.instruction,
         use_chat_template=model_cfg.use_chat_template,
-        max_length=model_cfg.max_length,
+        max_length=model_cfg.max_length or PromptFormat.max_length,
     )
