@@ -60,6 +60,7 @@ class DataConfig:
     split_seed: int = 42
     max_train_examples: Optional[int] = None  # a stratified subsample, for quick runs
     max_eval_examples: Optional[int] = None
+    oos_label: Optional[str] = None  # "none of these" label; unset: oos/out_of_scope/out-of-scope if any; none: none
 
 
 @dataclass
@@ -121,6 +122,7 @@ class EvalConfig:
     eval_num_cpus: float = 1.0
     eval_num_gpus: float = 0.0
     cpu_threads_bind: Optional[str] = "all"  # cores for the vLLM CPU engine: all, a list like 0-3, or none (vLLM's choice)
+    abstain_target: str = "auto"  # threshold chosen on validation: auto, none, oos_recall:<share> or precision:<share>
 
 
 @dataclass
@@ -176,6 +178,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+# Optional fields where the string "none" (or "") means something other than unset: kept as given.
+NONE_IS_A_VALUE = {"oos_label"}
 
 
 def _section_classes() -> dict[str, type]:
@@ -238,7 +242,8 @@ def _apply(cfg: Config, key: str, value: Any, index) -> None:
     section, f, tp = index[name]
     if "." in key and key.split(".")[0] != section:
         raise ValueError(f"config key {key!r}: {name} belongs to section {section!r}")
-    setattr(getattr(cfg, section), name, _convert(value, tp, key))
+    keep = name in NONE_IS_A_VALUE and isinstance(value, str)
+    setattr(getattr(cfg, section), name, value if keep else _convert(value, tp, key))
 
 
 def _flatten_yaml(data: dict[str, Any]) -> dict[str, Any]:
@@ -298,6 +303,9 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("train.save_steps must be a multiple of train.eval_steps")
     if "{labels}" not in cfg.model.instruction:
         raise ValueError("model.instruction must contain the placeholder {labels}")
+    from .abstain import parse_target
+
+    parse_target(cfg.eval.abstain_target)  # its ValueError names the key and the accepted forms
 
 
 def config_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:
