@@ -315,7 +315,8 @@ class ClassifierServer:
     @api.get("/labels", summary="Each classifier's labels, and the default classifier")
     async def labels(self) -> dict[str, Any]:
         return {"default": self.plan.default, "classifiers": self.classifiers.labels(),
-                "abstain_threshold": self.cfg.abstain_threshold, "max_batch": self.cfg.max_batch,
+                "abstain_threshold": self.cfg.abstain_threshold, "abstain_thresholds": self.classifiers.thresholds(),
+                "max_batch": self.cfg.max_batch,
                 "max_text_chars": self.cfg.max_text_chars}
 
     @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)

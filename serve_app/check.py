@@ -23,7 +23,8 @@ def agreement(client: httpx.Client, run_dir: Path, batch: int = 32, model: Optio
     preds = [json.loads(l) for l in (Path(run_dir) / "predictions.jsonl").read_text().splitlines() if l.strip()]
     served: list[dict[str, Any]] = []
     for i in range(0, len(preds), batch):
-        body: dict[str, Any] = {"texts": [p["text"] for p in preds[i:i + batch]]}
+        # threshold 0: compare labels, not where the server's threshold differs from the evaluation's
+        body: dict[str, Any] = {"texts": [p["text"] for p in preds[i:i + batch]], "abstain_threshold": 0.0}
         if model:
             body["model"] = model
         r = client.post("/classify/batch", json=body)

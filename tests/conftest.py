@@ -70,7 +70,9 @@ def tiny_run(tiny_pipeline):
 
 # Serve tests (test_serve, test_encoder): one local Ray + Serve per test module, on its own port and temp dir.
 MARKER = f"TEXTCLF_SERVE_TEST={uuid.uuid4().hex}"  # in the environment of every process the serve tests start
-TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
+# abstain_threshold 0: the tests check labels; the tiny run's own threshold (classifier.json) would withhold some.
+TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536,
+             "abstain_threshold": 0.0, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
 ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
                "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
 

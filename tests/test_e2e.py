@@ -18,8 +18,14 @@ def test_pipeline_prints_macro_f1_and_writes_report(pipeline_run):
     runs, run, out = pipeline_run
     assert "macro_f1=" in out
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("macro_f1", "weighted_f1", "accuracy", "n", "per_class", "confusion_matrix", "prompts_per_second"):
+    for key in ("macro_f1", "weighted_f1", "accuracy", "n", "per_class", "confusion_matrix", "prompts_per_second",
+                "ece", "calibration", "abstain", "in_scope_accuracy", "abstain_rate", "answered_accuracy"):
         assert key in metrics
+    assert metrics["abstain"]["validation"]["n"] == metrics["n_validation"] > 0  # threshold chosen on validation
+    for sub in ("merged", "adapter"):  # the chosen threshold is the server's default
+        meta = json.loads((run / sub / "classifier.json").read_text())
+        assert meta["abstain_threshold"] == metrics["abstain"]["threshold"] and "oos_label" in meta
+    assert (run / "reliability.png").stat().st_size > 1000
     labels = json.loads((run / "data_report.json").read_text())["labels"]
     assert len(labels) == 10 and set(metrics["per_class"]) == set(labels)
     assert 0.0 <= metrics["macro_f1"] <= 1.0
@@ -38,7 +44,7 @@ def test_predictions_are_labels_with_probabilities(pipeline_run):
     assert [p["text"] for p in preds] == [json.loads(l)["text"] for l in test_rows]
     for p in preds:
         assert p["predicted"] in labels and p["gold"] in labels
-        assert 0.0 < p["probability"] <= 1.0
+        assert 0.0 < p["probability"] <= 1.0 and isinstance(p["abstained"], bool)
 
 
 def test_training_ran_on_two_workers_with_label_only_loss(pipeline_run):

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from textclf.export import write_meta
+from textclf.export import read_meta, update_meta, write_meta
 from textclf.prompts import PromptFormat
 from textclf.serving import (
     BatchRequest,
@@ -83,17 +83,22 @@ class FakeEngine:
             raise RuntimeError("dead")
 
 
-@pytest.fixture
-def core(tokenizer):
+def _core(tokenizer, meta=None, **cfg):
+    """Classifiers over one classifier `clf` whose fake engine answers travel 0.7, banking 0.2, kitchen 0.1."""
     fmt = PromptFormat(labels=LABELS, max_length=64)
-    meta = {"kind": "merged", "base_model": "x", "labels": list(LABELS), "prompt": fmt.to_dict()}
+    meta = meta or {"kind": "merged", "base_model": "x", "labels": list(LABELS), "prompt": fmt.to_dict()}
     spec = ClassifierSpec("clf", meta, "unused")
     plan = ServingPlan("unused", {"clf": spec}, "clf", 64, False, 1, 16)
     firsts = [ids[0] for ids in fmt.label_token_ids(tokenizer)]
     assert len(set(firsts)) == 3
     engine = FakeEngine({firsts[0]: math.log(0.2), firsts[1]: math.log(0.7), firsts[2]: math.log(0.1)})
-    cfg = ServeConfig(max_batch=4, max_text_chars=5000, top_k=2)
+    cfg = ServeConfig(**{"max_batch": 4, "max_text_chars": 5000, "top_k": 2, **cfg})
     return Classifiers(cfg, plan, engine, tokenizers={"clf": tokenizer}), engine, fmt
+
+
+@pytest.fixture
+def core(tokenizer):
+    return _core(tokenizer)
 
 
 def test_classify_core(core, tokenizer):
@@ -105,6 +110,33 @@ def test_classify_core(core, tokenizer):
     assert engine.calls[0][0] == fmt.encode(tokenizer, "book me a flight").input_ids  # the training prompt tokens
     (r,) = asyncio.run(clf.classify(["x"], abstain_threshold=0.9))
     assert r["label"] is None and r["needs_review"] and r["scores"]
+
+
+def test_threshold_falls_back_to_the_classifiers_own(tmp_path, tokenizer):
+    """The evaluation's threshold (update_meta into classifier.json) is the default; the server's and the
+    request's override it, in that order."""
+    write_meta(tmp_path, "x", PromptFormat(labels=LABELS, max_length=64), kind="merged")
+    before = (tmp_path / "classifier.json").stat().st_mtime_ns
+    update_meta(tmp_path, abstain_threshold=0.9, oos_label=None)
+    assert (tmp_path / "classifier.json").stat().st_mtime_ns == before  # latest_run's order stays the export's
+    assert [f.name for f in tmp_path.iterdir()] == ["classifier.json"]  # no temporary file left
+    meta = read_meta(tmp_path)
+    assert meta["abstain_threshold"] == 0.9 and meta["labels"] == list(LABELS)
+
+    def one(clf, **kw):
+        (r,) = asyncio.run(clf.classify(["book me a flight"], **kw))  # travel at 0.7
+        return r["label"], r["needs_review"]
+
+    clf, _, _ = _core(tokenizer, meta)
+    assert clf.thresholds() == {"clf": 0.9}
+    assert one(clf) == (None, True)  # the classifier's own 0.9
+    assert one(clf, abstain_threshold=0.5) == ("travel", False)  # the request's
+    assert one(clf, abstain_threshold=0.0) == ("travel", False)  # 0: answer every text
+    served, _, _ = _core(tokenizer, meta, abstain_threshold=0.6)
+    assert one(served) == ("travel", False) and served.thresholds() == {"clf": 0.6}  # the server's
+    assert one(served, abstain_threshold=0.8) == (None, True)
+    clf, _, _ = _core(tokenizer, {**meta, "abstain_threshold": None})  # none chosen: never abstains
+    assert one(clf) == ("travel", False) and clf.thresholds() == {"clf": None}
 
 
 def test_classify_core_truncates_long_text(core):

@@ -89,6 +89,11 @@ class DataConfig:
     max_eval_examples: Optional[int] = field(
         default=None, metadata={"help": "a stratified subsample of the validation and of the test rows, for quick runs"}
     )
+    oos_label: Optional[str] = field(
+        default=None,
+        metadata={"help": "the \"none of these\" label; unset: a label named oos, out_of_scope or out-of-scope if "
+                          "any; none: there is none"},
+    )
 
 
 @dataclass
@@ -218,6 +223,11 @@ class EvalConfig:
         default="all",
         metadata={"help": "cores for the vLLM CPU engine: all, a list like 0-3, or none (vLLM's choice)"},
     )
+    abstain_target: str = field(
+        default="auto",
+        metadata={"help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
+                          "precision:<share> (textclf/abstain.py)"},
+    )
 
 
 @dataclass
@@ -295,6 +305,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+# Optional fields where the string "none" (or "") means something other than unset: kept as given.
+NONE_IS_A_VALUE = {"oos_label"}
 
 
 def _section_classes() -> dict[str, type]:
@@ -358,7 +370,12 @@ def _apply(cfg: Config, key: str, value: Any, index) -> None:
     section, f, tp = index[name]
     if "." in key and key.split(".")[0] != section:
         raise ValueError(f"config key {key!r}: {name} belongs to section {section!r}")
-    setattr(getattr(cfg, section), name, _convert(value, tp, key))
+    setattr(getattr(cfg, section), name, _field_value(name, value, tp, key))
+
+
+def _field_value(name: str, value: Any, tp: Any, key: str) -> Any:
+    """A given value as the field's type; a string stays itself where "none" is a value of its own."""
+    return value if name in NONE_IS_A_VALUE and isinstance(value, str) else _convert(value, tp, key)
 
 
 def _flatten_yaml(data: dict[str, Any]) -> dict[str, Any]:
@@ -405,7 +422,7 @@ def _resolve(given: dict[str, Any], index) -> dict[str, tuple[str, Any]]:
         if name in SWITCHES:
             switches[name] = (key, _convert(value, bool, key))
         else:
-            put(field_name, key, _convert(value, index[field_name][2], key), aliased=name != field_name)
+            put(field_name, key, _field_value(field_name, value, index[field_name][2], key), aliased=name != field_name)
     if "use_peft" in switches and not switches.pop("use_peft")[1]:
         raise ValueError("config use_peft false: this project always trains a LoRA adapter (no full fine-tuning)")
     if switches:
@@ -474,6 +491,9 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("train.save_steps must be a multiple of train.eval_steps")
     if "{labels}" not in cfg.model.instruction:
         raise ValueError("model.instruction must contain the placeholder {labels}")
+    from .abstain import parse_target
+
+    parse_target(cfg.eval.abstain_target)  # its ValueError names the key and the accepted forms
 
 
 def config_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[str, str]:

@@ -31,6 +31,19 @@ def read_meta(model_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def update_meta(model_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Add or replace fields of an exported classifier's classifier.json (e.g. the evaluation's abstain threshold).
+    Written to a temporary file and renamed, so a reader (a starting server) never sees half a file."""
+    path = Path(model_dir) / META_FILE
+    meta = {**read_meta(model_dir), **fields}
+    tmp = path.with_name(f"{META_FILE}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    st = path.stat()
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))  # latest_run orders runs by this file's time: keep the export's
+    os.replace(tmp, path)
+    return meta
+
+
 def latest_run(runs_dir: Path) -> Path:
     """The most recently exported run under runs_dir (one with merged/ or adapter/ classifier.json)."""
     metas = [p for p in Path(runs_dir).glob(f"*/*/{META_FILE}") if p.parent.name in ("merged", "adapter")]

@@ -151,7 +151,8 @@ def engine_output(runner: str, request_output) -> Any:
 
 class BatchClassifier:
     """A vLLM engine that classifies batches of texts with the classifier's kind (its runner, tokens and scoring);
-    the Ray Data evaluation maps it over the test split."""
+    the Ray Data evaluation maps it over the validation and test splits. Input columns other than text and label (row
+    tags) come back unchanged."""
 
     def __init__(
         self,
@@ -196,6 +197,7 @@ class BatchClassifier:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = self.classify([str(t) for t in batch["text"]])
         return {
+            **{k: list(v) for k, v in batch.items() if k not in ("text", "label")},  # row tags pass through
             "text": list(batch["text"]),
             "gold": list(batch["label"]),
             "predicted": [r["label"] for r in results],

@@ -1,9 +1,12 @@
-"""Classification metrics and the evaluation report (metrics.json, report.md, confusion_matrix.png)."""
+"""Classification metrics and the evaluation report (metrics.json, report.md, confusion_matrix.png,
+reliability.png): per-class scores, calibration (ECE), and the out-of-scope / abstention figures of Larson et al.
+2019 (CLINC150), where a prediction below the abstain threshold counts as out of scope."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +38,93 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
     }
 
 
+ECE_BINS = 15
+
+
+def calibration(gold: Sequence[str], pred: Sequence[str], prob: Sequence[float],
+                bins: int = ECE_BINS) -> dict[str, Any]:
+    """Expected calibration error over equal-width bins of the top probability (bin i holds (i/bins, (i+1)/bins],
+    the first also 0): the count-weighted mean of |accuracy - mean confidence|. Rows without a finite probability
+    are left out."""
+    p = np.asarray(prob, dtype=float)
+    correct = np.asarray([g == q for g, q in zip(gold, pred)], dtype=bool)
+    keep = np.isfinite(p)
+    p, correct = np.clip(p[keep], 0.0, 1.0), correct[keep]
+    idx = np.clip(np.ceil(p * bins).astype(int) - 1, 0, bins - 1)
+    out, ece = [], 0.0
+    for b in range(bins):
+        m = idx == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else None
+        conf = float(p[m].mean()) if n else None
+        if n:
+            ece += n / len(p) * abs(acc - conf)
+        out.append({"lower": b / bins, "upper": (b + 1) / bins, "count": n, "accuracy": acc, "confidence": conf})
+    return {"ece": float(ece) if len(p) else None, "n": int(len(p)), "bins": out}
+
+
+def abstained(prob: float, threshold: Optional[float]) -> bool:
+    """As the server decides: below the threshold the prediction is withheld (a NaN probability never passes)."""
+    return threshold is not None and not (prob >= threshold)
+
+
+def abstain_figures(gold: Sequence[str], pred: Sequence[str], prob: Sequence[float], threshold: Optional[float],
+                    oos_label: Optional[str] = None) -> dict[str, Any]:
+    """Figures at one abstain threshold (None: never abstain). in_scope_accuracy: gold in-scope rows predicted
+    correctly and not abstained; oos_recall: gold out-of-scope rows predicted out of scope or abstained (None
+    without an oos label or oos rows); abstain_rate: rows below the threshold; answered_accuracy: accuracy of
+    the rows not abstained (None when none is answered)."""
+    g, q = np.asarray(gold, dtype=object), np.asarray(pred, dtype=object)
+    p = np.asarray(prob, dtype=float)
+    held = ~(p >= threshold) if threshold is not None else np.zeros(len(p), dtype=bool)
+    correct = g == q
+    is_oos = g == oos_label if oos_label is not None else np.zeros(len(g), dtype=bool)
+    n_in, n_oos, n_answered = int((~is_oos).sum()), int(is_oos.sum()), int((~held).sum())
+
+    def share(num: int, den: int) -> Optional[float]:
+        return num / den if den else None
+
+    return {
+        "n": len(g),
+        "in_scope_accuracy": share(int((correct & ~held & ~is_oos).sum()), n_in),
+        "oos_recall": share(int((is_oos & ((q == oos_label) | held)).sum()), n_oos) if oos_label is not None else None,
+        "abstain_rate": share(int(held.sum()), len(g)),
+        "answered_accuracy": share(int((correct & ~held).sum()), n_answered),
+        "answered": n_answered,
+    }
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def abstain_markdown(metrics: dict[str, Any]) -> list[str]:
+    """The report's section on calibration and abstention (empty when the metrics have neither)."""
+    lines: list[str] = []
+    if "ece" in metrics:
+        lines += ["", "## Calibration", "",
+                  f"ECE ({len(metrics.get('calibration', [])) or ECE_BINS} equal-width bins of the top probability) "
+                  f"= {_fmt(metrics['ece'])}; reliability diagram: reliability.png"]
+    a = metrics.get("abstain")
+    if a is None:
+        return lines
+    t = a.get("threshold")
+    lines += ["", "## Out of scope and abstention", "",
+              f"oos label: {a.get('oos_label') or 'none'}; target: {a.get('target')}; "
+              f"threshold: {'none' if t is None else f'{t:.6g}'}" + (f" ({a['note']})" if a.get("note") else ""),
+              "", "| split | in-scope accuracy | oos recall | abstain rate | answered accuracy |",
+              "|---|---:|---:|---:|---:|"]
+    v = a.get("validation")
+    if v:
+        lines.append(f"| validation ({v['n']}) | {_fmt(v['in_scope_accuracy'])} | {_fmt(v['oos_recall'])} | "
+                     f"{_fmt(v['abstain_rate'])} | {_fmt(v['answered_accuracy'])} |")
+    if "abstain_rate" in metrics:
+        lines.append(f"| test ({metrics['n']}) | {_fmt(metrics.get('in_scope_accuracy'))} | "
+                     f"{_fmt(metrics.get('oos_recall'))} | {_fmt(metrics['abstain_rate'])} | "
+                     f"{_fmt(metrics.get('answered_accuracy'))} |")
+    return lines
+
+
 def report_markdown(metrics: dict[str, Any], title: str = "Evaluation") -> str:
     labels = metrics["labels"]
     lines = [
@@ -60,6 +150,7 @@ def report_markdown(metrics: dict[str, Any], title: str = "Evaluation") -> str:
     ]
     for label, row in zip(labels, metrics["confusion_matrix"]):
         lines.append(f"| {label} | " + " | ".join(str(v) for v in row) + " |")
+    lines += abstain_markdown(metrics)
     return "\n".join(lines) + "\n"
 
 
@@ -92,11 +183,47 @@ def plot_confusion_matrix(metrics: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_reliability(cal: dict[str, Any], path: Path) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with each bin's row count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = cal["bins"]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 1.0
+    full = [b for b in bins if b["count"]]
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge", edgecolor="black",
+           color="tab:blue", label="accuracy")
+    ax.bar([b["lower"] for b in full], [b["confidence"] - b["accuracy"] for b in full],
+           bottom=[b["accuracy"] for b in full], width=width, align="edge", color="none",
+           edgecolor="tab:red", hatch="//", label="gap to mean confidence", zorder=3)
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ece = cal.get("ece")
+    ax.set_title(f"ECE {ece:.3f}, n = {cal.get('n')}" if ece is not None else "no rows")
+    ax.legend(loc="upper left", fontsize=8)
+    hx.bar([b["lower"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="gray", edgecolor="black")
+    hx.set_xlabel("top probability")
+    hx.set_ylabel("rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(metrics: dict[str, Any], predictions: list[dict[str, Any]], out_dir: Path, extra: dict | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=2))
-    (out_dir / "report.md").write_text(report_markdown(metrics))
+    full = {**metrics, **(extra or {})}
+    (out_dir / "metrics.json").write_text(json.dumps(full, indent=2))
+    (out_dir / "report.md").write_text(report_markdown(full))
     plot_confusion_matrix(metrics, out_dir / "confusion_matrix.png")
+    if full.get("calibration"):
+        bins = full["calibration"]
+        plot_reliability({"ece": full.get("ece"), "n": sum(b["count"] for b in bins), "bins": bins},
+                         out_dir / "reliability.png")
     with (out_dir / "predictions.jsonl").open("w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")

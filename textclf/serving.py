@@ -57,7 +57,8 @@ class ServeConfig(BaseModel):
     max_text_chars: int = Field(20_000, ge=1)  # longer texts are refused with 413
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger request bodies are refused with 413
     max_batch: int = Field(64, ge=1)  # /classify/batch refuses more texts with 413
-    abstain_threshold: Optional[float] = Field(None, ge=0, le=1)  # below it: label null, needs_review true
+    # below it: label null, needs_review true; unset: each classifier's own (classifier.json, chosen by evaluation)
+    abstain_threshold: Optional[float] = Field(None, ge=0, le=1)
     top_k: int = Field(5, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
     ready_timeout_s: float = Field(10.0, gt=0)
@@ -201,7 +202,8 @@ class ClassifyRequest(BaseModel):
 
     text: StrictStr = Field(..., description="The text to classify; must not be blank.")
     model: Optional[StrictStr] = Field(None, max_length=64, description="Classifier name (GET /labels lists them); default: the server's default.")
-    abstain_threshold: Optional[float] = Field(None, ge=0, le=1, description="Overrides the server's abstain threshold.")
+    abstain_threshold: Optional[float] = Field(None, ge=0, le=1, description=(
+        "Overrides the server's and the classifier's abstain threshold (0: answer every text)."))
 
     @field_validator("text")
     @classmethod
@@ -335,6 +337,17 @@ class Classifiers:
             raise UnknownClassifier(f"unknown classifier {name[:64]!r}", {"valid": self.names})
         return self.loaded[name]
 
+    def threshold(self, c: _Loaded, requested: Optional[float] = None) -> Optional[float]:
+        """The request's threshold, else the server's, else the one the evaluation chose for this classifier."""
+        for t in (requested, self.cfg.abstain_threshold, c.spec.meta.get("abstain_threshold")):
+            if t is not None:
+                return float(t)
+        return None
+
+    def thresholds(self) -> dict[str, Optional[float]]:
+        """Each classifier's default threshold (no request override)."""
+        return {n: self.threshold(c) for n, c in self.loaded.items()}
+
     def check_texts(self, texts: Sequence[str]) -> None:
         if len(texts) > self.cfg.max_batch:
             raise TooLarge(f"batch of {len(texts)} texts is over the limit of {self.cfg.max_batch}")
@@ -366,7 +379,7 @@ class Classifiers:
                        abstain_threshold: Optional[float] = None) -> list[dict[str, Any]]:
         c = self.get(model)
         self.check_texts(texts)
-        threshold = abstain_threshold if abstain_threshold is not None else self.cfg.abstain_threshold
+        threshold = self.threshold(c, abstain_threshold)
         if self.engine.errored:
             raise EngineUnavailable("the engine is not running")
         return list(await asyncio.gather(*(self._one(c, t, threshold) for t in texts)))
