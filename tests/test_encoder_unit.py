@@ -26,7 +26,7 @@ def test_kind_defaults_and_overrides():
     assert "q_proj" in gen.lora.target_modules
     enc = load_config(overrides={"model-kind": "encoder"})
     assert enc.model.model == "all-minilm-l6-v2" and enc.lora.target_modules == ["query", "key", "value", "dense"]
-    assert enc.model.max_length == 64 and enc.train.max_steps == -1
+    assert enc.model.max_length is None and enc.train.num_epochs == 5.0 and enc.train.time_budget == "20m"
     given = load_config(overrides={"model.model_kind": "encoder", "model": "some/bert", "max-steps": "7",
                                    "target_modules": "query,value"})
     assert given.model.model == "some/bert" and given.train.max_steps == 7

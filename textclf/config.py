@@ -110,8 +110,18 @@ class ModelConfig:
     model_cache_dir: Optional[str] = field(
         default=None, metadata={"help": "where converted bundled models live; none: ~/.cache/textclf"}
     )
-    max_length: int = field(
-        default=256, metadata={"help": "prompt + label tokens; longer texts are cut, and counted in the data report"}
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "prompt + answer tokens; none: from the data (the prompt, the longest training text up to "
+                          "max_text_tokens, the longest answer); longer texts are cut, and counted in the data report"},
+    )
+    max_text_tokens: int = field(
+        default=256, metadata={"help": "with max_length from the data: the most tokens a text keeps (longer ones are cut)"}
+    )
+    label_list_tokens: int = field(
+        default=128,
+        metadata={"help": "generative kind: the prompt lists the label answers while the list takes at most this many "
+                          "tokens; longer label sets are learned from the training data alone"},
     )
     use_chat_template: bool = field(
         default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"}
@@ -151,11 +161,21 @@ class TrainConfig:
     precision: str = field(
         default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32"}
     )
-    num_epochs: float = field(default=1.0, metadata={"help": "passes over the training rows when max_steps is -1"})
+    num_epochs: float = field(
+        default=0.75, metadata={"help": "passes over the training rows when max_steps is -1 (steps follow the data size)"}
+    )
     max_steps: int = field(
-        default=140,
-        metadata={"help": "optimizer steps; overrides num_epochs when > 0, -1 trains num_epochs (the default: a short "
-                          "CPU run on the bundled data, under one epoch)"},
+        default=-1, metadata={"help": "optimizer steps; overrides num_epochs when > 0; -1: from num_epochs"}
+    )
+    time_budget: Optional[str] = field(
+        default=None,
+        metadata={"help": "a cap on training time such as 20m, 1h or 90s: the steps are planned from a step time "
+                          "measured on this data before training (and never exceed num_epochs / max_steps)"},
+    )
+    evaluations: int = field(
+        default=2,
+        metadata={"help": "evaluations of the validation split over the run when eval_steps is none; the last one at "
+                          "the final step, so the kept checkpoint (the best eval loss) is chosen among them"},
     )
     per_device_batch_size: int = field(
         default=16,
@@ -170,15 +190,21 @@ class TrainConfig:
         default="cosine",
         metadata={"help": "the learning-rate schedule (a transformers SchedulerType): cosine, linear, constant, ..."},
     )
-    warmup_steps: int = field(default=10, metadata={"help": "steps of linear learning-rate warm-up"})
-    eval_steps: int = field(
-        default=70, metadata={"help": "steps between evaluations of the validation split (each one a full pass)"}
+    warmup_steps: Optional[int] = field(
+        default=None, metadata={"help": "steps of linear learning-rate warm-up; none: 5% of the steps (at least 1)"}
     )
-    save_steps: int = field(
-        default=70,
-        metadata={"help": "steps between checkpoints; a multiple of eval_steps (ranked by the eval loss before them)"},
+    eval_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "steps between evaluations of the validation split; none: the steps / evaluations"},
     )
-    logging_steps: int = field(default=10, metadata={"help": "steps between logged training metrics"})
+    save_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "steps between checkpoints, a multiple of eval_steps (ranked by the eval loss before them); "
+                          "none: eval_steps"},
+    )
+    logging_steps: Optional[int] = field(
+        default=None, metadata={"help": "steps between logged training metrics and progress lines; none: 1/20 of the run"}
+    )
     checkpoints_to_keep: int = field(
         default=2, metadata={"help": "checkpoints kept: Ray Train's, ranked by eval loss, and each worker's local ones"}
     )
@@ -486,7 +512,13 @@ def validate_config(cfg: Config) -> None:
             raise ValueError(f"data.{name} must be between 0 and 1, not {v}")
     if cfg.lora.lora_r < 1:
         raise ValueError("lora.lora_r must be >= 1")
-    if t.save_steps % t.eval_steps:
+    if t.time_budget is not None:
+        from .plan import parse_duration
+
+        parse_duration(t.time_budget)
+    if t.evaluations < 1:
+        raise ValueError("train.evaluations must be >= 1")
+    if t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
         # Ray Train ranks checkpoints by the eval loss logged before each save.
         raise ValueError("train.save_steps must be a multiple of train.eval_steps")
     if "{labels}" not in cfg.model.instruction:

@@ -21,6 +21,7 @@ from .prompts import PromptFormat
 class ScoringPlan:
     labels: tuple[str, ...]
     first_token_ids: Optional[tuple[int, ...]]  # None: constrained multi-step choice
+    answers: Optional[tuple[str, ...]] = None  # what the model writes for each label (None: the label)
 
     @property
     def one_step(self) -> bool:
@@ -29,8 +30,8 @@ class ScoringPlan:
 
 def scoring_plan(fmt: PromptFormat, tokenizer) -> ScoringPlan:
     if fmt.first_tokens_distinct(tokenizer):
-        return ScoringPlan(fmt.labels, tuple(ids[0] for ids in fmt.label_token_ids(tokenizer)))
-    return ScoringPlan(fmt.labels, None)
+        return ScoringPlan(fmt.labels, tuple(ids[0] for ids in fmt.label_token_ids(tokenizer)), fmt.answers)
+    return ScoringPlan(fmt.labels, None, fmt.answers)
 
 
 def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
@@ -46,7 +47,7 @@ def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
         max_tokens=max_label_tokens,
         temperature=0.0,
         logprobs=0,  # asks for the chosen tokens' log-probabilities, hence cumulative_logprob
-        structured_outputs=StructuredOutputsParams(choice=list(plan.labels)),
+        structured_outputs=StructuredOutputsParams(choice=list(plan.answers or plan.labels)),
     )
 
 
@@ -66,11 +67,13 @@ def parse_output(plan: ScoringPlan, completion) -> dict[str, Any]:
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": plan.labels[best], "confidence": probs[best], "scores": dict(zip(plan.labels, probs))}
     text = completion.text.strip()
-    if text not in plan.labels:  # cannot happen under the grammar; refuse rather than guess
+    answers = plan.answers or plan.labels
+    if text not in answers:  # cannot happen under the grammar; refuse rather than guess
         raise RuntimeError(f"constrained decoding returned {text!r}, not a label")
+    label = plan.labels[answers.index(text)]
     cum = completion.cumulative_logprob
     prob = math.exp(cum) if cum is not None else float("nan")
-    return {"label": text, "confidence": prob, "scores": {text: prob}}
+    return {"label": label, "confidence": prob, "scores": {label: prob}}
 
 
 def top_k(scores: dict[str, float], k: int) -> dict[str, float]:

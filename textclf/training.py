@@ -3,8 +3,10 @@ single-process benchmark both call `build_trainer`, so they train exactly the sa
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -12,6 +14,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .config import Config
+from .plan import TrainPlan, plan_training
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,10 @@ def lora_config(cfg: Config):
     )
 
 
-def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = True,
+def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True,
                       report_to: Sequence[str] = ()) -> dict[str, Any]:
-    """The HF training arguments both kinds share (TRL's SFTConfig extends TrainingArguments)."""
+    """The HF training arguments every kind shares (TRL's SFTConfig extends TrainingArguments); steps and cadence
+    come from the plan (textclf.plan)."""
     t = cfg.train
     precision = resolve_precision(t.precision, use_gpu)
     return dict(
@@ -56,15 +60,14 @@ def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, has_eval: boo
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        num_train_epochs=t.num_epochs,
-        max_steps=t.max_steps,
+        warmup_steps=plan.warmup_steps,
+        max_steps=plan.steps,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps,
+        eval_steps=plan.eval_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=plan.save_steps,
         save_total_limit=t.checkpoints_to_keep,  # local copies; Ray Train keeps its own
-        logging_steps=t.logging_steps,
+        logging_steps=plan.logging_steps,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not use_gpu,
@@ -79,11 +82,12 @@ def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, has_eval: boo
     )
 
 
-def sft_config(cfg: Config, output_dir: str, use_gpu: bool, has_eval: bool = True, report_to: Sequence[str] = ()):
+def sft_config(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True,
+               report_to: Sequence[str] = ()):
     from trl import SFTConfig
 
     return SFTConfig(
-        **trainer_arguments(cfg, output_dir, use_gpu, has_eval, report_to),
+        **trainer_arguments(cfg, output_dir, use_gpu, plan, has_eval, report_to),
         max_length=cfg.model.max_length,
         completion_only_loss=True,  # loss on the label tokens only
     )
@@ -127,6 +131,62 @@ class ProgressCallback(TrainerCallback):
         if done:
             parts.append(f"left ~{(state.max_steps - state.global_step) * elapsed / done:.0f}s")
         self.printer("[train] " + ", ".join(parts), flush=True)
+
+
+def measure_step_seconds(trainer, steps: int = 2) -> float:
+    """Seconds per optimizer step on this worker, from forward and backward passes over real training batches before
+    training starts (one untimed first); gradients are dropped and the weights stay as they were."""
+    model = trainer.model
+    model.train()
+    loader = iter(trainer.get_train_dataloader())
+    times = []
+    for i in range(steps + 1):
+        try:
+            inputs = trainer._prepare_inputs(next(loader))
+        except StopIteration:
+            break
+        labels = inputs.get("labels")
+        n_items = (labels != -100).sum() if labels is not None and labels.dim() > 1 else None
+        start = time.perf_counter()
+        trainer.training_step(model, inputs, n_items)
+        if i:
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    for store in getattr(trainer, "_metrics", {}).values():  # TRL's running token accuracy: not a training step
+        store.clear()
+    times = sorted(times) or [0.0]
+    return times[len(times) // 2] * trainer.args.gradient_accumulation_steps
+
+
+class PlanCallback(TrainerCallback):
+    """Keeps the run's plan inside each checkpoint, so that a resumed attempt continues the same schedule instead of
+    planning anew from another measured step time."""
+
+    FILE = "textclf_plan.json"
+
+    def __init__(self, plan: Optional[TrainPlan] = None):
+        self.plan = plan
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.plan is not None and folder.is_dir():
+            (folder / self.FILE).write_text(json.dumps(self.plan.to_dict()))
+
+    @classmethod
+    def read(cls, checkpoint_dir: str) -> Optional[TrainPlan]:
+        path = Path(checkpoint_dir) / cls.FILE
+        return TrainPlan.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def all_ranks_max(value: float) -> float:
+    """The largest value over the DDP ranks, so every rank plans the same number of steps."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 class PrefixSharingSFTTrainer(SFTTrainer):
@@ -252,11 +312,13 @@ def build_trainer(
     use_gpu: bool = False,
     callbacks: Sequence[Any] = (),
     report_to: Sequence[str] = (),
+    plan: Optional[TrainPlan] = None,
 ):
     from transformers import AutoTokenizer
 
     score_label_positions_only()
-    args = sft_config(cfg, output_dir, use_gpu, bool(eval_rows), report_to)
+    plan = plan or plan_training(cfg.train, len(train_rows), len(eval_rows or []))
+    args = sft_config(cfg, output_dir, use_gpu, plan, bool(eval_rows), report_to)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

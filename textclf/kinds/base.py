@@ -1,8 +1,10 @@
 """The interface every model kind implements (see textclf/kinds/__init__.py for the registry)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
+from ..plan import fit_max_length, model_limit, text_lengths
 from ..prompts import Encoded, PromptFormat
 
 
@@ -28,6 +30,23 @@ class ModelKind:
     label_room: int = 0  # engine context beyond the prompt's max_length, for the answer's tokens
 
     # -- data --------------------------------------------------------------------------------------------------
+    def fit_format(self, fmt: PromptFormat, tokenizer, texts: Sequence[str], model_cfg) -> tuple[PromptFormat, dict]:
+        """The format fitted to the training texts: the kind's answers, and max_length from the texts' token lengths
+        unless the configuration gives one. Returns it with the figures that decided it."""
+        fmt = self.fit_answers(fmt, tokenizer, model_cfg)
+        if model_cfg.max_length:
+            return replace(fmt, max_length=model_cfg.max_length), {"max_length": model_cfg.max_length, "given": True}
+        info = fit_max_length(self.overhead_tokens(fmt, tokenizer), text_lengths(tokenizer, texts),
+                              model_cfg.max_text_tokens, model_limit(tokenizer))
+        return replace(fmt, max_length=info["max_length"]), info
+
+    def fit_answers(self, fmt: PromptFormat, tokenizer, model_cfg) -> PromptFormat:
+        return fmt
+
+    def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
+        """Tokens an input holds besides the text."""
+        raise NotImplementedError
+
     def training_columns(self, tokenizer, fmt: PromptFormat, texts: Sequence[str], labels: Sequence[str]) -> dict:
         """The tokenized training rows' columns: at least input_ids, n_tokens and truncated."""
         raise NotImplementedError

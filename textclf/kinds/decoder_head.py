@@ -13,13 +13,10 @@ class DecoderHeadKind(EncoderKind):
     name = "decoder-head"
     defaults: dict[str, Any] = {
         "model": "smollm2-135m-instruct",
-        "max_length": 64,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "max_steps": -1,
         "num_epochs": 1.0,
         "per_device_batch_size": 16,
         "learning_rate": 5e-4,
-        "warmup_steps": 10,
-        "eval_steps": 50,
-        "save_steps": 50,
+        "evaluations": 3,
+        "time_budget": "20m",
     }

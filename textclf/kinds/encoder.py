@@ -78,17 +78,20 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     report_to: Sequence[str] = (),
     labels: Optional[Sequence[str]] = None,
+    plan=None,
 ):
     """The encoder counterpart of `textclf.training.build_trainer` (same arguments, plus the label set)."""
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
+    from ..plan import plan_training
     from ..training import ProgressCallback, lora_config, resolve_precision, trainer_arguments
 
     if not labels:
         raise ValueError("the encoder kind needs the label set")
+    plan = plan or plan_training(cfg.train, len(train_rows), len(eval_rows or []))
     args = TrainingArguments(
-        **trainer_arguments(cfg, output_dir, use_gpu, bool(eval_rows), report_to),
+        **trainer_arguments(cfg, output_dir, use_gpu, plan, bool(eval_rows), report_to),
         label_names=["labels"],  # PeftModel hides the forward signature the Trainer reads
         # The head's loss is already a mean per example: the Trainer's token-count rescaling would multiply it by the
         # number of workers (measured: a 10-class start at 4.6 = 2 x ln 10 on 2 workers).
@@ -156,20 +159,20 @@ class EncoderKind(ModelKind):
     name = "encoder"
     defaults: dict[str, Any] = {
         "model": "all-minilm-l6-v2",
-        "max_length": 64,  # short queries; a data set with longer texts raises it (its token lengths decide)
         "target_modules": ["query", "key", "value", "dense"],
-        "max_steps": -1,
         "num_epochs": 5.0,
         "per_device_batch_size": 32,
-        "learning_rate": 1e-3,  # chosen over seeds on the bundled data: README, "Two kinds of classifier"
-        "warmup_steps": 20,
-        "eval_steps": 50,
-        "save_steps": 50,
+        "learning_rate": 1e-3,  # chosen over seeds on the bundled data: README, "Model kinds"
+        "evaluations": 9,
+        "time_budget": "20m",  # a default run on a large data set still ends in minutes on a CPU
     }
     peft_task_type = "SEQ_CLS"  # PEFT also trains the classification head (`classifier`/`score`) in full
     runner = "pooling"
     serves_adapters = False
     label_room = 0
+
+    def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
+        return len(token_ids(tokenizer, "", special_tokens=True))
 
     def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
         return encode(tokenizer, fmt, text), {"label_id": fmt.labels.index(label)}

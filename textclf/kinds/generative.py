@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..inference import parse_output, sampling_params, scoring_plan
-from ..prompts import Encoded, PromptFormat
+from ..prompts import Encoded, PromptFormat, fit_answers
 from .base import ModelKind, Scorer
 
 
@@ -29,6 +29,18 @@ class GenerativeKind(ModelKind):
     runner = "generate"
     serves_adapters = True
     label_room = 32
+
+    def fit_answers(self, fmt: PromptFormat, tokenizer, model_cfg) -> PromptFormat:
+        return fit_answers(fmt, tokenizer, model_cfg.label_list_tokens)
+
+    def fit_format(self, fmt: PromptFormat, tokenizer, texts: Sequence[str], model_cfg) -> tuple[PromptFormat, dict]:
+        fmt, info = super().fit_format(fmt, tokenizer, texts, model_cfg)
+        return fmt, {**info, "answers": "label codes" if fmt.answers else "label names",
+                     "labels_listed": fmt.list_labels}
+
+    def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
+        # the prompt around the text, the longest answer, and room for tokens merging across the text's edges
+        return len(fmt._ids(tokenizer, fmt.prompt(tokenizer, ""))) + fmt._longest_completion(tokenizer) + 2
 
     def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
         e = fmt.encode(tokenizer, text, label)
