@@ -91,7 +91,7 @@ def on_gpu() -> bool:
 
 def cpu_has_native_bf16() -> bool:
     """bf16 matmuls run natively only with AVX-512 BF16 or AMX; elsewhere vLLM falls back to slow torch kernels
-    (measured here on an AVX2-only CPU: bf16 under 1 prompt/s, fp32 3.6)."""
+    (bench/results/MEASUREMENTS.md)."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -127,7 +127,7 @@ def engine_kwargs(
     else:
         # On CPU the utilization fraction sizes host memory (the default 0.92 fails): size the KV cache directly.
         # Blocks of 32 tokens (the CPU backend's smallest) let prefix caching reuse the shared instruction;
-        # with the default size it rarely fills a block (measured: 3.6 -> 6.0 prompts/s on one core).
+        # with the default size it rarely fills a block.
         kw.update(
             dtype="bfloat16" if cpu_has_native_bf16() else "float32",
             enforce_eager=True,
@@ -141,7 +141,7 @@ def engine_kwargs(
 
 def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
     """vLLM binds its CPU engine to one core and keeps the other for itself by default; a batch job has nothing
-    else to run (measured on 2 cores: 6.0 -> 10.8 prompts/s with both)."""
+    else to run."""
     if cpu_threads_bind and not on_gpu():
         bind = f"0-{os.cpu_count() - 1}" if cpu_threads_bind == "all" else cpu_threads_bind
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind

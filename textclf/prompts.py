@@ -11,8 +11,8 @@ _LONGEST: dict = {}  # (tokenizer id, format) -> longest label completion in tok
 _AROUND: dict = {}  # (tokenizer id, format) -> the chat prompt's text before and after the user's text, or None
 _MARK = " \x00textclf\x00 "  # edge spaces: a template that strips or escapes the content cannot be split
 
-# Worded so the prefix shared by every prompt of the bundled task (template + instruction + labels) reaches 65
-# tokens: vLLM's CPU prefix cache works in 32-token blocks, so 64 of them are reused instead of 32 (58 before).
+# Worded so the prefix every prompt of the bundled task shares (template + instruction + labels) fills two of vLLM's
+# 32-token CPU prefix-cache blocks rather than one.
 DEFAULT_INSTRUCTION = (
     "Classify the user's message into exactly one of these categories: {labels}. "
     "Answer with the category name only, nothing else."

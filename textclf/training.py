@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_precision(precision: str, use_gpu: bool) -> str:
-    """auto: bf16 on GPUs that have it (fp16 on older ones), fp32 on CPUs, where bf16 autocast was measured
-    ~50x slower on these machines."""
+    """auto: bf16 on GPUs that have it (fp16 on older ones), fp32 on CPUs without native bf16 matmuls, where bf16
+    autocast is far slower (bench/results/MEASUREMENTS.md)."""
     import torch
 
     if precision != "auto":
@@ -192,15 +192,12 @@ def all_ranks_max(value: float) -> float:
 class PrefixSharingSFTTrainer(SFTTrainer):
     """SFTTrainer that runs the prompt prefix shared by a whole batch once, and the rows' own tokens without padding.
 
-    Every prompt starts with the same instruction and label list (~64 of ~84 tokens here). Under causal attention
+    Every prompt starts with the same instruction and label list (most of a row's tokens). Under causal attention
     those positions do not depend on what follows, so their keys and values are computed once; the rows' own tokens
     attend to them. The rows' own tokens are packed into one sequence with an attention mask that lets each token
-    see the prefix and the earlier tokens of its own row: padded to its batch's longest row, a batch of 16 computed
-    1.5x the real tokens of the bundled task. Gradients flow through the cache into the adapter, so loss and
-    gradients equal the plain forward's (tests/test_training_unit.py). Measured on 2 CPU cores: sharing the prefix
-    made a step 2.8x faster; packing then took a step from 4.5 to 3.4 s (batch 16, same training loss over 8
-    steps) and an evaluation of 128 rows from 12.1 to 7.2 s. Falls back to
-    the plain SFTTrainer loss when the batch shares no useful prefix, when gradient checkpointing is on (it cannot
+    see the prefix and the earlier tokens of its own row, so no padding is computed. Gradients flow through the cache
+    into the adapter, so loss and gradients equal the plain forward's (tests/test_training_unit.py); the speed-ups
+    are in bench/results/MEASUREMENTS.md. Falls back to the plain SFTTrainer loss when the batch shares no useful prefix, when gradient checkpointing is on (it cannot
     keep a cache), or with an attention implementation that takes no explicit mask (flash attention).
     """
 
@@ -277,10 +274,9 @@ def score_label_positions_only() -> None:
     """Project only the label-carrying positions through the LM head on CPUs too.
 
     TRL's fused LM head skips positions without a label only where it expects Triton (CUDA, XPU); elsewhere it
-    projects all of them to keep tile shapes fixed for compilers, which eager CPU training does not need. With the
-    loss on a few label tokens of a ~75-token row, projecting only those made a CPU step 1.65x faster with the same
-    loss (measured: 10 steps, identical loss 2.439). The projection itself stays plain torch on CPU: the kernel
-    module makes that choice with its own check.
+    projects all of them to keep tile shapes fixed for compilers, which eager CPU training does not need; with the
+    loss on a few label tokens of a row, projecting only those is much cheaper for the same loss. The projection
+    itself stays plain torch on CPU: the kernel module makes that choice with its own check.
     """
     import trl.trainer.utils as trl_utils
 

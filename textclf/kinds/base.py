@@ -47,8 +47,8 @@ class ModelKind:
         """Tokens an input holds besides the text."""
         raise NotImplementedError
 
-    def training_columns(self, tokenizer, fmt: PromptFormat, texts: Sequence[str], labels: Sequence[str]) -> dict:
-        """The tokenized training rows' columns: at least input_ids, n_tokens and truncated."""
+    def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
+        """A training row's tokens, and the kind's own columns for it (a completion mask, a label id)."""
         raise NotImplementedError
 
     def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
@@ -65,10 +65,6 @@ class ModelKind:
         raise NotImplementedError
 
     # -- inference ---------------------------------------------------------------------------------------------
-    def batch_classifier(self) -> type:
-        """The evaluation job's Ray Data stage class (textclf.inference.BatchClassifier's constructor)."""
-        raise NotImplementedError
-
     def scorer(self, fmt: PromptFormat, tokenizer) -> Scorer:
         raise NotImplementedError
 

@@ -94,7 +94,7 @@ def build_trainer(
         **trainer_arguments(cfg, output_dir, use_gpu, plan, bool(eval_rows), report_to),
         label_names=["labels"],  # PeftModel hides the forward signature the Trainer reads
         # The head's loss is already a mean per example: the Trainer's token-count rescaling would multiply it by the
-        # number of workers (measured: a 10-class start at 4.6 = 2 x ln 10 on 2 workers).
+        # number of workers.
         average_tokens_across_devices=False,
     )
     tokenizer = load_tokenizer(model_path)
