@@ -108,3 +108,27 @@ def test_the_encoder_fits_max_length_to_its_texts():
     assert info["overhead_tokens"] == 2 and info["texts_cut"] == 1 and fmt.max_length == 256 + 8
     given = load_config(overrides={"model_kind": "encoder", "max_length": "48"}).model
     assert get_kind("encoder").fit_format(PromptFormat(labels=("a", "b")), tok, long_texts, given)[0].max_length == 48
+
+
+def test_the_step_probe_measures_without_training(tmp_path):
+    """The time budget's step time is measured on real batches before training; the weights must not move."""
+    from transformers import AutoTokenizer
+
+    from textclf.models import resolve_model
+    from textclf.training import measure_step_seconds
+
+    cfg = load_config(overrides={"model_kind": "encoder", "per_device_batch_size": "4"})
+    kind, path = get_kind("encoder"), resolve_model("all-minilm-l6-v2")
+    tok = AutoTokenizer.from_pretrained(path)
+    rows = [json.loads(line) for line in (PROJECT_ROOT / "data/clinc150/train.jsonl").open()][:32]
+    labels = sorted({r["label"] for r in rows})
+    fmt, _ = kind.fit_format(PromptFormat(labels=tuple(labels)), tok, [r["text"] for r in rows], cfg.model)
+    train = [{"input_ids": e.input_ids, **extra} for e, extra in
+             (kind.training_row(tok, fmt, r["text"], r["label"]) for r in rows)]
+    trainer = kind.build_trainer(cfg, path, train, train[:8], str(tmp_path), labels=labels)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    seconds = measure_step_seconds(trainer)
+    assert 0 < seconds < 60
+    after = dict(trainer.model.named_parameters())
+    assert all(bool((after[k] == v).all()) for k, v in before.items())
+    assert all(p.grad is None for p in trainer.model.parameters())

@@ -138,6 +138,8 @@ def measure_step_seconds(trainer, steps: int = 2) -> float:
     training starts (one untimed first); gradients are dropped and the weights stay as they were."""
     model = trainer.model
     model.train()
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by train() in the Trainer
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     loader = iter(trainer.get_train_dataloader())
     times = []
     for i in range(steps + 1):
