@@ -132,112 +132,151 @@ def engine_cores(args: dict[str, Any]) -> str:
     return ",".join(map(str, sorted(os.sched_getaffinity(0))[:n]))
 
 
-def main() -> None:
+SERVERS = ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-random-llama", help="alias, model path, or a run folder")
     ap.add_argument("--concurrency", type=int, default=48)
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per server")
     ap.add_argument("--warmup", type=float, default=5.0, help="unrecorded seconds of load before each")
-    ap.add_argument("--only", default="vllm_server,naive_wrapper,ingress,ingress_via_proxy",
-                    help="comma-separated subset of the servers")
+    ap.add_argument("--only", default=",".join(SERVERS), help="comma-separated subset of the servers")
     ap.add_argument("--tag", default="", help="suffix of the result names (repeated runs)")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="KEY=JSON",
                     help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'")
     ap.add_argument("--deployment", default="{}", help="JSON overrides of the deployment options")
-    a = ap.parse_args()
-    only = set(a.only.split(","))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return ap.parse_args(argv)
 
-    folder = classifier_folder(a.model)
-    path = result_path(a.model, a.tag)
-    out_dir = path.with_suffix("")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
-    deployment = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
-                  **json.loads(a.deployment)}
-    texts = test_texts()
-    load = dict(concurrency=a.concurrency, duration=a.duration, warmup=a.warmup)
-    results: dict[str, Any] = {}
-    cores = engine_cores(args)
-    serve_cfg, plan = engine_plan(folder, args)
-    encoder = plan.runner == "pooling"
-    if encoder and "naive_wrapper" in only:
-        print("--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none", flush=True)
-        only.discard("naive_wrapper")
 
-    def run(name: str, target) -> None:
+class Bench:
+    """One benchmark run: the servers measured in turn under the same closed-loop load, results kept by name."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.only = set(a.only.split(","))
+        self.folder = classifier_folder(a.model)
+        self.path = result_path(a.model, a.tag)
+        self.out_dir = self.path.with_suffix("")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
+        self.deployment = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+                           **json.loads(a.deployment)}
+        self.texts = test_texts()
+        self.results: dict[str, Any] = {}
+        self.cores = engine_cores(self.args)
+        self.serve_cfg, self.plan = engine_plan(self.folder, self.args)
+        self.encoder = self.plan.runner == "pooling"
+        if self.encoder and "naive_wrapper" in self.only:
+            print("--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none",
+                  flush=True)
+            self.only.discard("naive_wrapper")
+
+    def run(self, name: str, target) -> None:
         print(f"--- {name}: {target.url}", flush=True)
-        r = measure(target, name, out_dir, **load)
+        r = measure(target, name, self.out_dir, concurrency=self.a.concurrency, duration=self.a.duration,
+                    warmup=self.a.warmup)
         r.pop("timeline", None)
-        results[name] = r
+        self.results[name] = r
         print(f"    {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}, "
               f"client CPU {r['client_cpu_pct_of_core']} % of a core", flush=True)
 
-    t_start = time.time()
-    from serve_app.local import LocalServe, free_port, ingress_urls, wait_no_vllm
+    def vllm_side(self) -> None:
+        """vLLM's own server, and the naive wrapper in front of it."""
+        from serve_app.local import free_port, wait_no_vllm
 
-    if only & {"vllm_server", "naive_wrapper"}:
+        if not self.only & {"vllm_server", "naive_wrapper"}:
+            return
         port = free_port()
         vllm = Proc("vllm_server", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                                     "--port", str(port), "--served-model-name", SERVED_NAME,
-                                    "--disable-uvicorn-access-log", *engine_cli(serve_cfg, plan)],
-                    {"VLLM_CPU_OMP_THREADS_BIND": cores}, out_dir)
+                                    "--disable-uvicorn-access-log", *engine_cli(self.serve_cfg, self.plan)],
+                    {"VLLM_CPU_OMP_THREADS_BIND": self.cores}, self.out_dir)
         try:
             vllm.wait_http(f"http://127.0.0.1:{port}/health")
-            if "vllm_server" in only:
-                url = f"http://127.0.0.1:{port}"
-                run("vllm_server", vllm_classify_target(url, texts, SERVED_NAME) if encoder else
-                    openai_target(url, texts, folder, SERVED_NAME))
-            if "naive_wrapper" in only:
-                wport = free_port()
-                naive = Proc("naive_wrapper", [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host",
-                                               "127.0.0.1", "--port", str(wport), "--log-level", "warning"],
-                             {"NAIVE_UPSTREAM": f"http://127.0.0.1:{port}/v1", "NAIVE_MODEL": SERVED_NAME,
-                              "NAIVE_CLASSIFIER_DIR": folder, "PYTHONPATH": str(ROOT)}, out_dir)
-                try:
-                    naive.wait_http(f"http://127.0.0.1:{wport}/docs", timeout=60)
-                    run("naive_wrapper", textclf_target(f"http://127.0.0.1:{wport}", texts))
-                finally:
-                    naive.stop()
+            url = f"http://127.0.0.1:{port}"
+            if "vllm_server" in self.only:
+                self.run("vllm_server", vllm_classify_target(url, self.texts, SERVED_NAME) if self.encoder else
+                         openai_target(url, self.texts, self.folder, SERVED_NAME))
+            if "naive_wrapper" in self.only:
+                self.naive_wrapper(port)
         finally:
             vllm.stop()
         wait_no_vllm()
 
-    if only & {"ingress", "ingress_via_proxy"}:
+    def naive_wrapper(self, upstream_port: int) -> None:
+        from serve_app.local import free_port
+
+        wport = free_port()
+        naive = Proc("naive_wrapper", [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host",
+                                       "127.0.0.1", "--port", str(wport), "--log-level", "warning"],
+                     {"NAIVE_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1", "NAIVE_MODEL": SERVED_NAME,
+                      "NAIVE_CLASSIFIER_DIR": self.folder, "PYTHONPATH": str(ROOT)}, self.out_dir)
+        try:
+            naive.wait_http(f"http://127.0.0.1:{wport}/docs", timeout=60)
+            self.run("naive_wrapper", textclf_target(f"http://127.0.0.1:{wport}", self.texts))
+        finally:
+            naive.stop()
+
+    def serve_side(self) -> None:
+        """The Serve app: a replica's own port (direct ingress) and the Serve proxy."""
+        from serve_app.local import LocalServe, free_port, ingress_urls
+
+        if not self.only & {"ingress", "ingress_via_proxy"}:
+            return
         di = free_port()
         with LocalServe(di_ports=(di, di + 20)) as cluster:
             from serve_app.app import app_from_config  # imports ray.serve, which reads the environment just set
 
             t0 = time.time()
-            cluster.run(app_from_config(deployment_overrides=deployment, **{**args, "model_dir": folder, "run": None}))
+            cluster.run(app_from_config(deployment_overrides=self.deployment,
+                                        **{**self.args, "model_dir": self.folder, "run": None}))
             print(f"    Serve app up in {time.time() - t0:.0f} s", flush=True)
             urls = ingress_urls() or [cluster.proxy_url]
-            if "ingress" in only:
-                run("ingress", textclf_target(urls[0], texts))
-            if "ingress_via_proxy" in only:
-                run("ingress_via_proxy", textclf_target(cluster.proxy_url, texts))
+            if "ingress" in self.only:
+                self.run("ingress", textclf_target(urls[0], self.texts))
+            if "ingress_via_proxy" in self.only:
+                self.run("ingress_via_proxy", textclf_target(cluster.proxy_url, self.texts))
 
-    summary = {"model": a.model, "classifier_dir": folder, "concurrency": a.concurrency, "duration_s": a.duration,
-               "warmup_s": a.warmup, "engine_cores": cores, "serve_args": args, "deployment": deployment,
-               "wall_s": round(time.time() - t_start, 1), **results}
-    if "ingress" in results:
-        c = results["ingress"]["rps"]
-        summary["ratios"] = {k: round(c / results[v]["rps"], 2) for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
+    def summary(self, wall_s: float) -> dict[str, Any]:
+        a, results = self.a, self.results
+        out = {"model": a.model, "classifier_dir": self.folder, "concurrency": a.concurrency, "duration_s": a.duration,
+               "warmup_s": a.warmup, "engine_cores": self.cores, "serve_args": self.args,
+               "deployment": self.deployment, "wall_s": round(wall_s, 1), **results}
+        if "ingress" in results:
+            c = results["ingress"]["rps"]
+            out["ratios"] = {k: round(c / results[v]["rps"], 2)
+                             for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
                              if results.get(v, {}).get("rps")}
-    path.write_text(json.dumps(summary, indent=1))
+        return out
+
+
+def print_tables(a: argparse.Namespace, summary: dict[str, Any]) -> None:
     print(f"\n{a.model}, {a.concurrency} concurrent, {a.duration:.0f} s each (after {a.warmup:.0f} s warm-up)")
     print("| server | req/s | p50 ms | p99 ms | errors | client CPU % |\n|---|---|---|---|---|---|")
-    for k in ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy"):
-        if k in results:
-            r = results[k]
-            print(f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['client_cpu_pct_of_core']} |")
-    for k in ("vllm_server", "naive_wrapper", "ingress", "ingress_via_proxy"):
-        if results.get(k, {}).get("cpu_by_process"):
-            print(f"\n{k}: CPU by process over the measured phase\n" + cpu_share.table(results[k]["cpu_by_process"]))
+    measured = [k for k in SERVERS if k in summary]
+    for k in measured:
+        r = summary[k]
+        print(f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['client_cpu_pct_of_core']} |")
+    for k in measured:
+        if summary[k].get("cpu_by_process"):
+            print(f"\n{k}: CPU by process over the measured phase\n" + cpu_share.table(summary[k]["cpu_by_process"]))
     for k, v in summary.get("ratios", {}).items():
         print(f"{k} (ingress / {'vLLM server' if k == 'c/a' else 'naive wrapper'}): {v}")
-    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench = Bench(a)
+    t_start = time.time()
+    bench.vllm_side()
+    bench.serve_side()
+    summary = bench.summary(time.time() - t_start)
+    bench.path.write_text(json.dumps(summary, indent=1))
+    print_tables(a, summary)
+    print(f"wrote {bench.path}")
 
 
 if __name__ == "__main__":
