@@ -260,6 +260,11 @@ class RunConfig:
         metadata={"help": "a --name already used: refuse a rerun that differs (an identical one resumes), resume "
                           "anyway (same labels only), or overwrite (delete the old run first)"},
     )
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "show every library's and Ray's output on the console too; otherwise it shows the plan, "
+                          "progress, results and warnings, and the rest goes to <run>/logs/<step>.log"},
+    )
 
 
 @dataclass
