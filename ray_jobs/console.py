@@ -199,9 +199,8 @@ def setup(verbose: bool = False) -> RunLog:
     """Logging for a step's driver: records to the run log (kept until the file opens) and, if user-facing, to the
     console. Call once at start; attach() then opens the file and takes over stdout/stderr."""
     global _log
+    detach()  # a second setup in one process starts over
     root = logging.getLogger()
-    for h in [h for h in root.handlers if isinstance(h, (_RunLogHandler, _ConsoleHandler))]:
-        root.removeHandler(h)
     _log = RunLog(verbose)
     root.setLevel(logging.INFO)
     root.addHandler(_RunLogHandler(_log))
