@@ -14,6 +14,8 @@ from textclf.config import PROJECT_ROOT, Config
 from textclf.data import Splits
 from textclf.export import latest_run
 
+from . import console
+
 log = logging.getLogger("ray_jobs")
 
 # Environment for Ray workers. The print patch makes each training worker log thousands of lines of bytecode from
@@ -27,9 +29,15 @@ WORKER_ENV = {
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Log records to the run's log file and, the user-facing ones, to the console (ray_jobs/console.py); the step's
+    stdout and stderr follow once its run folder is known (log_to_run)."""
+    console.setup()
+
+
+def log_to_run(cfg: Config, run_dir: Path) -> None:
+    """<run>/logs/<step>.log from now on (mirrored with the run folder); --verbose: the console shows it all too."""
+    step = Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else ""
+    console.attach(run_dir / "logs" / f"{step or 'textclf'}.log", cfg.run.verbose)
 
 
 def init_ray(cfg: Config) -> None:
@@ -42,8 +50,11 @@ def init_ray(cfg: Config) -> None:
         os.environ.setdefault(k, v)  # the local raylet's workers inherit this
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     # Under `ray job submit` Ray refuses env var keys that the job's runtime env already sets: leave those to it.
-    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env", {}).get("env_vars", {})
-    env = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in (job_env or {})}}
+    job_runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    job_env = job_runtime_env.get("env_vars") or {}
+    env: dict = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}}
+    if "worker_process_setup_hook" not in job_runtime_env:  # Ray refuses a second, different hook
+        env["worker_process_setup_hook"] = "ray_jobs.console.quiet_ray_workers"
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -51,6 +62,10 @@ def init_ray(cfg: Config) -> None:
         # of the cores against whatever else runs (read when the raylet starts).
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
+    if not cfg.run.verbose:  # Ray Data's progress every few seconds says nothing the step's own lines do not
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray resources: %s", ray.cluster_resources())
 
 
@@ -84,6 +99,7 @@ def start_run(cfg: Config, splits: Splits, trains: bool = False) -> Path:
     saved = Config.from_dict(cfg.to_dict())
     saved.run.on_existing = "refuse"  # a rerun from this file must not overwrite or stretch the run by itself
     saved.save(run_dir / "config.yaml")
+    log_to_run(cfg, run_dir)
     sync_run(cfg, run_dir)
     return run_dir
 
@@ -101,10 +117,13 @@ def open_run(cfg: Config) -> Path:
     """The local folder of an existing run: --name, else the latest exported run under runs_dir. A run behind a URI
     is fetched into its local cache first (without Ray Train's checkpoints)."""
     if cfg.run_uri:
-        return storage.download(cfg.run_uri, cfg.run_dir).resolve()
-    if storage.is_uri(cfg.run.runs_dir):
+        run_dir = storage.download(cfg.run_uri, cfg.run_dir).resolve()
+    elif storage.is_uri(cfg.run.runs_dir):
         raise ValueError(f"runs_dir {cfg.run.runs_dir} is a URI: name the run with --name")
-    return (cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))).resolve()
+    else:
+        run_dir = (cfg.run_dir if cfg.run.name else latest_run(Path(cfg.run.runs_dir))).resolve()
+    log_to_run(cfg, run_dir)
+    return run_dir
 
 
 def storage_path(cfg: Config, run_dir: Path) -> str:

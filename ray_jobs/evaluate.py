@@ -3,6 +3,7 @@ writes the evaluation report. Each model kind scores in its own way (textclf.kin
 classifiers, vLLM's pooling runner for classification heads.
 
     python -m ray_jobs.evaluate --name <run> [--eval-adapter true] [--abstain-target auto]
+    python -m ray_jobs.evaluate --name <run> --model-uri models:/textclf/3   # a registered model on the run's splits
 
 Evaluates <run>/merged (or base + <run>/adapter with --eval-adapter) and writes metrics.json, report.md,
 confusion_matrix.png, reliability.png and predictions.jsonl (test rows) into the run folder. The abstain threshold
@@ -33,7 +34,14 @@ log = logging.getLogger("ray_jobs.evaluate")
 
 
 def classifier_source(cfg: Config, run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
-    """(model dir, classifier meta, adapter dir or None)."""
+    """(model dir, classifier meta, adapter dir or None): the run's, or the registered model of --model-uri."""
+    if cfg.eval.model_uri:
+        folder = tracking.resolve_model_uri(cfg.eval.model_uri,
+                                            tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir))
+        meta = read_meta(folder)
+        if meta["kind"] != "adapter":
+            return str(folder), meta, None
+        return resolve_model(meta["base_model"], cfg.model.model_cache_dir), meta, str(folder)
     merged = run_dir / "merged"
     if not cfg.eval.eval_adapter and (merged / "classifier.json").exists():
         return str(merged), read_meta(merged), None
@@ -46,6 +54,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     import ray
 
     model_dir, meta, adapter = classifier_source(cfg, run_dir)
+    out_dir = report_dir(cfg, run_dir, Path(adapter or model_dir))
     oos = oos_label(meta["labels"], cfg.data.oos_label)
     target = parse_target(cfg.eval.abstain_target)
     check_target(target, oos)  # a target the label set cannot have fails before the engine starts
@@ -93,19 +102,31 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
              "in_scope_accuracy": figures["in_scope_accuracy"],
              **({"oos_recall": figures["oos_recall"]} if oos is not None else {}),
              "abstain_rate": figures["abstain_rate"], "answered_accuracy": figures["answered_accuracy"]}
-    write_report(metrics, predictions, run_dir, extra)
-    save_threshold(run_dir, threshold, oos)
+    write_report(metrics, predictions, out_dir, extra)
+    if not cfg.eval.model_uri:  # a registered version's files never change: its threshold is in its report
+        save_threshold(run_dir, threshold, oos)
     log.info("evaluated %d prompts (%d validation, %d test) in %.1fs (%.1f/s, engine start included)", n_prompts,
              len(splits["validation"]), len(splits["test"]), elapsed, n_prompts / elapsed)
     uri = tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir)
     logged = ("macro_f1", "weighted_f1", "accuracy", "ece", "in_scope_accuracy", "oos_recall", "abstain_rate",
               "answered_accuracy")
     try:
-        tracking.log_metrics(uri, run_dir, {f"test_{k}": v for k, v in {**metrics, **extra}.items()
-                                            if k in logged and v is not None})
+        if not cfg.eval.model_uri:  # the run's MLflow run holds its own model's figures
+            tracking.log_metrics(uri, run_dir, {f"test_{k}": v for k, v in {**metrics, **extra}.items()
+                                                if k in logged and v is not None})
     except Exception as exc:
         log.warning("MLflow logging failed: %s", exc)
-    return {**metrics, **extra}
+    return {**metrics, **extra, "report_dir": str(out_dir)}
+
+
+def report_dir(cfg: Config, run_dir: Path, model: Path) -> Path:
+    """The run folder, or for a registered model <run>/evaluations/<name>-<version> (resolve_model_uri's folder is
+    <...>/<version>/<name>)."""
+    if not cfg.eval.model_uri:
+        return run_dir
+    out = run_dir / "evaluations" / f"{model.name}-{model.parent.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def split_columns(examples: list[Example], rows: list[dict[str, Any]]) -> dict[str, list]:
@@ -136,6 +157,8 @@ def main(argv=None) -> None:
     m = evaluate(cfg, run_dir)
     sync_run(cfg, run_dir)
     print(f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f} accuracy={m['accuracy']:.4f} n={m['n']}")
+    if cfg.eval.model_uri:
+        print(f"{cfg.eval.model_uri}: report in {m['report_dir']}")
 
 
 if __name__ == "__main__":

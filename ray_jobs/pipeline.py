@@ -5,10 +5,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from textclf import tracking
 from textclf.config import Config, parse_args
 from textclf.sources import load_splits
 
@@ -17,6 +19,8 @@ from .evaluate import evaluate
 from .export import export
 from .prepare import exit_on_data_error, prepare
 from .train import train
+
+log = logging.getLogger("ray_jobs.pipeline")
 
 
 def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
@@ -42,9 +46,25 @@ def run_pipeline(cfg: Config) -> tuple[Path, dict[str, Any]]:
     timings["total_s"] = time.time() - t0
     summary = {k: metrics[k] for k in ("macro_f1", "weighted_f1", "accuracy", "n", "prompts_per_second")}
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
+    summary["registered_model"] = publish(cfg, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sync_run(cfg, run_dir)
     return run_dir, summary
+
+
+def publish(cfg: Config, run_dir: Path) -> Optional[str]:
+    """The run's reports as MLflow artifacts and its exported model as a new version of the registered model
+    (run.registered_model_name, else the experiment's name); returns its models:/ URI. A failure is a warning: the
+    run itself succeeded."""
+    uri = tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir)
+    try:
+        tracking.log_reports(uri, run_dir)
+        model = tracking.register_model(uri, run_dir, cfg.run.registered_model_name or cfg.run.experiment)
+    except Exception as e:
+        log.warning("MLflow: the run's reports or model were not logged: %s", e)
+        return None
+    print(f"[run] model registered: {model}", flush=True)
+    return model
 
 
 @exit_on_data_error

@@ -18,6 +18,15 @@ DOMAINS = ["auto_and_commute", "banking", "credit_cards", "home", "kitchen_and_d
            "travel", "utility", "work"]
 
 
+@pytest.fixture(autouse=True)
+def _console_back():
+    """A step's main() run in the test process takes over stdout/stderr (ray_jobs/console.py): give them back."""
+    yield
+    from ray_jobs import console
+
+    console.detach()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from textclf.models import resolve_model

@@ -254,6 +254,11 @@ class EvalConfig:
         metadata={"help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
                           "precision:<share> (textclf/abstain.py)"},
     )
+    model_uri: Optional[str] = field(
+        default=None,
+        metadata={"help": "evaluate a registered model (models:/<name>/<version>, /latest or @<alias>) on the run's "
+                          "splits instead of the run's own; its report goes to <run>/evaluations/<name>-<version>/"},
+    )
 
 
 @dataclass
@@ -278,6 +283,11 @@ class RunConfig:
         default=None, metadata={"help": "MLflow tracking URI; none: a local file store at <runs_dir>/mlruns"}
     )
     experiment: str = field(default="textclf", metadata={"help": "the MLflow experiment"})
+    registered_model_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "the MLflow registered model that each pipeline run's exported model becomes a new version "
+                          "of (models:/<name>/<version>); none: the experiment's name"},
+    )
     ray_address: Optional[str] = field(
         default=None, metadata={"help": "the Ray cluster's address; none: RAY_ADDRESS, else an embedded local Ray"}
     )
@@ -285,6 +295,11 @@ class RunConfig:
         default="refuse",
         metadata={"help": "a --name already used: refuse a rerun that differs (an identical one resumes), resume "
                           "anyway (same labels only), or overwrite (delete the old run first)"},
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "show every library's and Ray's output on the console too; otherwise it shows the plan, "
+                          "progress, results and warnings, and the rest goes to <run>/logs/<step>.log"},
     )
 
 

@@ -81,7 +81,10 @@ def project_path(p: str | os.PathLike) -> Path:
     """A local path (relative ones from the project root), or a URI's folder fetched into its local cache."""
     from .config import PROJECT_ROOT
     from .storage import download, is_uri
+    from .tracking import is_model_uri, resolve_model_uri
 
+    if is_model_uri(p):  # models:/<name>/<version>: a registered model, shaped as a run folder and a model folder
+        return resolve_model_uri(str(p))
     if is_uri(p):
         return download(str(p))
     path = Path(p).expanduser()
