@@ -76,9 +76,7 @@ def main() -> None:
     model_dir, meta, adapter = classifier_source(cfg, run_dir)
     texts = [ex.text for ex in read_split(run_dir, "test")]
     t0 = time.time()
-    clf = BatchClassifier(model_dir, meta, {"max_num_seqs": cfg.eval.max_num_seqs, "kv_cache_gib": cfg.eval.kv_cache_gib,
-                                            "gpu_memory_utilization": cfg.eval.gpu_memory_utilization}, adapter,
-                          cfg.eval.cpu_threads_bind)
+    clf = BatchClassifier(model_dir, meta, cfg.eval.engine_settings(), adapter, cfg.eval.cpu_threads_bind)
     engine_start = time.time() - t0
     t1 = time.time()
     offline = clf.classify(texts)

@@ -222,7 +222,7 @@ def test_yaml_config_is_valid():
 
 
 def test_cores_of_a_bind_list():
-    from serve_app.app import cores_of
+    from serve_app.cpu_placement import cores_of
 
     assert cores_of("0") == {0} and cores_of("0,2") == {0, 2} and cores_of("1-3") == {1, 2, 3}
     assert cores_of("0-1|4-5") == {0, 1, 4, 5}
@@ -253,7 +253,7 @@ def _affinity_probe(q) -> None:
     import sys
     import threading
 
-    from serve_app.app import engine_on_its_cores
+    from serve_app.cpu_placement import engine_on_its_cores
 
     allowed = os.sched_getaffinity(0)
     core = min(allowed)
@@ -267,3 +267,17 @@ def _affinity_probe(q) -> None:
     stop.set()
     t.join()
     q.put((core, set(json.loads(out)), threads_after, allowed))
+
+
+def test_evaluation_and_serving_build_engine_arguments_through_one_path():
+    """Both configurations keep their own keys and defaults and become vLLM's arguments through engine_kwargs."""
+    from textclf.config import EvalConfig
+    from textclf.inference import engine_kwargs, on_gpu
+
+    if on_gpu():
+        pytest.skip("the CPU arguments are checked")
+    ev = engine_kwargs("m", 64, EvalConfig().engine_settings())
+    sv = engine_kwargs("m", 64, ServeConfig().engine.settings())
+    assert (ev["max_num_seqs"], ev["kv_cache_memory_bytes"]) == (256, 1 << 30)
+    assert (sv["max_num_seqs"], sv["kv_cache_memory_bytes"]) == (64, 1 << 29)
+    assert set(ev) == set(sv)

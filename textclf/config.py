@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .inference import EngineSettings
 from .prompts import DEFAULT_INSTRUCTION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -228,6 +229,9 @@ class EvalConfig:
         metadata={"help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
                           "precision:<share> (textclf/abstain.py)"},
     )
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(self.max_num_seqs, self.kv_cache_gib, self.gpu_memory_utilization)
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""The HTTP API: a FastAPI app over a `textclf.serving.Classifiers`, with the request-edge middleware (body limit,
+metrics) and the mapping of errors to JSON answers. Built per replica by the Serve deployment (serve_app/app.py),
+and without Ray in the unit tests."""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app import state
+from textclf.serving import (
+    BatchRequest,
+    Classifiers,
+    ClassifyRequest,
+    ErrorBody,
+    Prediction,
+    ServingError,
+)
+
+ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over the limit of {limit} bytes")
+
+
+class HttpEdge:
+    """Request counts and latency for /metrics, and the body limit: bodies over max_body_bytes get 413, by
+    Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
+    (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
+    hundreds of requests per second."""
+
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int):
+        self.app, self.limit = app, max_body_bytes
+        # built at the first request, when every route is registered; other paths count as "other"
+        self.endpoints = frozenset(getattr(r, "path", "") for r in routes) - {""}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            limit = self.limit
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                resp = JSONResponse({"error": f"request body over the limit of {limit} bytes"}, status_code=413)
+                return await resp(scope, receive, send_status)
+            seen = 0
+
+            async def limited() -> Message:
+                nonlocal seen
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge(limit)
+                return msg
+
+            return await self.app(scope, limited, send_status)
+        finally:
+            state.REQUESTS.labels(endpoint, str(status)).inc()
+            state.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def add_error_handlers(api: FastAPI) -> None:
+    """Every error as JSON {"error": reason, "detail"?: ...}."""
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # loc/msg/type only: the offending input can be a megabyte of text, not worth echoing
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return JSONResponse({"error": "invalid request", "detail": errors}, status_code=422)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @api.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        body = {"error": exc.message}
+        if exc.detail is not None:
+            body["detail"] = exc.detail
+        return JSONResponse(body, status_code=exc.status)
+
+
+def record(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        state.PREDICTIONS.labels(r["model"], r["label"] or "").inc()
+        if r["truncated"]:
+            state.TRUNCATED.labels(r["model"]).inc()
+
+
+def create_api(classifiers: Classifiers) -> FastAPI:
+    """The app's routes over these classifiers."""
+    cfg = classifiers.cfg
+    api = FastAPI(
+        title="textclf",
+        version="0.1.0",
+        description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
+                    "classifier's labels (or null below the abstain threshold), with its probability.",
+    )
+    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
+    add_error_handlers(api)
+
+    @api.post("/classify", response_model=Prediction, responses=ERRORS,
+              summary="Classify one text with a named classifier (default: the server's default)")
+    async def classify(req: ClassifyRequest) -> dict[str, Any]:
+        (r,) = await classifiers.classify([req.text], req.model, req.abstain_threshold)
+        record([r])
+        return r
+
+    @api.post("/classify/batch", response_model=list[Prediction], responses=ERRORS,
+              summary="Classify several texts (at most max_batch) with one classifier")
+    async def classify_batch(req: BatchRequest) -> list[dict[str, Any]]:
+        results = await classifiers.classify(req.texts, req.model, req.abstain_threshold)
+        record(results)
+        return results
+
+    @api.get("/health", summary="Liveness: the replica process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready", summary="Readiness: the engine is loaded and classifies a probe text",
+             responses={503: {"model": ErrorBody}})
+    async def ready() -> JSONResponse:
+        ok, reason = await classifiers.ready()
+        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
+
+    @api.get("/labels", summary="Each classifier's labels, and the default classifier")
+    async def labels() -> dict[str, Any]:
+        return {"default": classifiers.plan.default, "classifiers": classifiers.labels(),
+                "abstain_threshold": cfg.abstain_threshold, "abstain_thresholds": classifiers.thresholds(),
+                "max_batch": cfg.max_batch, "max_text_chars": cfg.max_text_chars}
+
+    @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(state.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return api

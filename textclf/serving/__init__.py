@@ -1,0 +1,22 @@
+"""Serving logic that needs neither Ray nor a running engine; `serve_app/` puts it behind FastAPI and Ray Serve.
+
+    config   ServeConfig, EngineOptions: the `args:` of serve_app/config.yaml
+    plan     the classifier registry: which model the engine loads, which classifiers it answers for
+    api      the HTTP API's request and response models
+    errors   the core's errors and their HTTP status codes
+    core     the classify core (Classifiers) around the small Engine protocol
+
+Paths come only from the server configuration: a request names a classifier, which is looked up in a fixed
+table built at start-up; an unknown name is refused with the list of valid ones.
+"""
+from .api import BatchRequest, ClassifyRequest, ErrorBody, Prediction
+from .config import NAME_RE, EngineOptions, ServeConfig
+from .core import Classifiers, Engine, apply_abstain
+from .errors import EngineUnavailable, ServingError, TooLarge, UnknownClassifier
+from .plan import LORA_RANKS, ClassifierSpec, ServingPlan, pin_model, project_path, resolve_plan
+
+__all__ = [
+    "BatchRequest", "ClassifierSpec", "Classifiers", "ClassifyRequest", "Engine", "EngineOptions", "EngineUnavailable",
+    "ErrorBody", "LORA_RANKS", "NAME_RE", "Prediction", "ServeConfig", "ServingError", "ServingPlan", "TooLarge",
+    "UnknownClassifier", "apply_abstain", "pin_model", "project_path", "resolve_plan",
+]

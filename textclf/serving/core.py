@@ -1,0 +1,146 @@
+"""The classify core: texts to predictions with any engine that follows the small `Engine` protocol (vLLM in
+serve_app/engine.py, a fake one in the unit tests); the same prompt tokens and scoring as the evaluation job."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol, Sequence
+
+from ..export import prompt_format
+from ..inference import top_k
+from ..kinds import kind_of
+from ..kinds.base import Scorer
+from ..prompts import Encoded, PromptFormat
+from .config import ServeConfig
+from .errors import EngineUnavailable, ServingError, TooLarge, UnknownClassifier
+from .plan import ClassifierSpec, ServingPlan
+
+
+class Engine(Protocol):
+    """What the core needs from an engine: one finished completion for a prompt of token ids (for an encoder,
+    given pooling params: the pooling output, class probabilities)."""
+
+    async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str,
+                       spec: ClassifierSpec) -> Any: ...
+
+    async def check_health(self) -> None: ...
+
+    @property
+    def errored(self) -> bool: ...
+
+
+def apply_abstain(result: dict[str, Any], threshold: Optional[float]) -> dict[str, Any]:
+    """Below the threshold the label is withheld (null) and the prediction flagged for review; scores stay."""
+    if threshold is not None and not (result["confidence"] >= threshold):
+        return {**result, "label": None, "needs_review": True}
+    return {**result, "needs_review": False}
+
+
+@dataclass
+class _Loaded:
+    spec: ClassifierSpec
+    fmt: PromptFormat
+    scorer: Scorer  # the kind's encode, engine params and parse
+
+    def encode(self, text: str) -> Encoded:
+        return self.scorer.encode(text)
+
+    @property
+    def params(self) -> Any:
+        return self.scorer.params
+
+    def parse(self, out: Any) -> dict[str, Any]:
+        return self.scorer.parse(out)
+
+
+class Classifiers:
+    """Classifies texts with the engine for each configured classifier; the same prompt tokens and scoring as the
+    evaluation job (`textclf.inference`)."""
+
+    def __init__(self, cfg: ServeConfig, plan: ServingPlan, engine: Engine,
+                 tokenizers: Optional[dict[str, Any]] = None):
+        self.cfg, self.plan, self.engine = cfg, plan, engine
+        self.loaded: dict[str, _Loaded] = {}
+        for name, spec in plan.classifiers.items():
+            tok = (tokenizers or {}).get(name)
+            if tok is None:
+                from transformers import AutoTokenizer  # loads torch: only where no tokenizer is given
+
+                tok = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+            fmt = prompt_format(spec.meta)
+            self.loaded[name] = _Loaded(spec, fmt, kind_of(spec.meta).scorer(fmt, tok))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loaded)
+
+    def labels(self) -> dict[str, list[str]]:
+        return {n: list(c.fmt.labels) for n, c in self.loaded.items()}
+
+    def get(self, name: Optional[str]) -> _Loaded:
+        name = name or self.plan.default
+        if name not in self.loaded:
+            raise UnknownClassifier(f"unknown classifier {name[:64]!r}", {"valid": self.names})
+        return self.loaded[name]
+
+    def threshold(self, c: _Loaded, requested: Optional[float] = None) -> Optional[float]:
+        """The request's threshold, else the server's, else the one the evaluation chose for this classifier."""
+        for t in (requested, self.cfg.abstain_threshold, c.spec.meta.get("abstain_threshold")):
+            if t is not None:
+                return float(t)
+        return None
+
+    def thresholds(self) -> dict[str, Optional[float]]:
+        """Each classifier's default threshold (no request override)."""
+        return {n: self.threshold(c) for n, c in self.loaded.items()}
+
+    def check_texts(self, texts: Sequence[str]) -> None:
+        if len(texts) > self.cfg.max_batch:
+            raise TooLarge(f"batch of {len(texts)} texts is over the limit of {self.cfg.max_batch}")
+        long = [i for i, t in enumerate(texts) if len(t) > self.cfg.max_text_chars]
+        if long:
+            raise TooLarge(f"text over the limit of {self.cfg.max_text_chars} characters", {"indices": long[:10]})
+
+    async def _one(self, c: _Loaded, text: str, threshold: Optional[float]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        enc = c.encode(text)
+        try:
+            out = await asyncio.wait_for(
+                self.engine.complete(enc.input_ids, c.params, uuid.uuid4().hex, c.spec), self.cfg.request_timeout_s
+            )
+            r = c.parse(out)
+        except ServingError:
+            raise
+        except asyncio.TimeoutError as exc:
+            raise EngineUnavailable(f"the engine did not answer within {self.cfg.request_timeout_s}s") from exc
+        except Exception as exc:  # a dead or failing engine
+            raise EngineUnavailable(f"engine failure: {type(exc).__name__}: {exc}"[:500]) from exc
+        r = {"label": r["label"], "confidence": float(r["confidence"]), "scores": top_k(r["scores"], self.cfg.top_k),
+             "model": c.spec.name, "truncated": enc.truncated}
+        r = apply_abstain(r, threshold)
+        r["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        return r
+
+    async def classify(self, texts: Sequence[str], model: Optional[str] = None,
+                       abstain_threshold: Optional[float] = None) -> list[dict[str, Any]]:
+        c = self.get(model)
+        self.check_texts(texts)
+        threshold = self.threshold(c, abstain_threshold)
+        if self.engine.errored:
+            raise EngineUnavailable("the engine is not running")
+        return list(await asyncio.gather(*(self._one(c, t, threshold) for t in texts)))
+
+    async def ready(self) -> tuple[bool, str]:
+        """Engine loaded and answering: a health check and one real classification within ready_timeout_s."""
+        try:
+            await asyncio.wait_for(self.engine.check_health(), self.cfg.ready_timeout_s)
+            await asyncio.wait_for(self.classify(["ready?"]), self.cfg.ready_timeout_s)
+            return True, "ok"
+        except asyncio.TimeoutError:
+            return False, f"the engine did not answer within {self.cfg.ready_timeout_s}s"
+        except ServingError as exc:
+            return False, exc.message
+        except Exception as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:500]
