@@ -3,8 +3,10 @@ metrics) and the mapping of errors to JSON answers. Built per replica by the Ser
 and without Ray in the unit tests."""
 from __future__ import annotations
 
+import json
+import logging
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,9 +24,32 @@ from textclf.serving import (
     ErrorBody,
     Prediction,
     ServingError,
+    parse_request,
 )
 
+log = logging.getLogger("ray.serve")
 ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
+
+
+class ErrorResponse(JSONResponse):
+    """{"error": reason, "detail"?: ...} as ASCII JSON: a name echoed from a request may hold a lone surrogate,
+    which UTF-8 cannot encode."""
+
+    def __init__(self, status: int, error: str, detail: Any = None, retry_after_s: Optional[int] = None,
+                 headers: Optional[dict[str, str]] = None):
+        body = {"error": error} if detail is None else {"error": error, "detail": detail}
+        headers = dict(headers or {})
+        if retry_after_s is not None and status == 503:
+            headers["Retry-After"] = str(retry_after_s)
+        super().__init__(body, status_code=status, headers=headers or None)
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def request_body(model: type) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (parse_request)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -60,7 +85,7 @@ class HttpEdge:
             limit = self.limit
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                resp = JSONResponse({"error": f"request body over the limit of {limit} bytes"}, status_code=413)
+                resp = ErrorResponse(413, f"request body over the limit of {limit} bytes")
                 return await resp(scope, receive, send_status)
             seen = 0
 
@@ -79,25 +104,27 @@ class HttpEdge:
             state.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
 
 
-def add_error_handlers(api: FastAPI) -> None:
-    """Every error as JSON {"error": reason, "detail"?: ...}."""
+def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
+    """Every error as JSON {"error": reason, "detail"?: ...}; 503 answers carry Retry-After."""
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # loc/msg/type only: the offending input can be a megabyte of text, not worth echoing
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
-        return JSONResponse({"error": "invalid request", "detail": errors}, status_code=422)
+        return ErrorResponse(422, "invalid request", errors)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return ErrorResponse(exc.status_code, str(exc.detail), retry_after_s=retry_after_s, headers=exc.headers)
 
     @api.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError) -> JSONResponse:
-        body = {"error": exc.message}
-        if exc.detail is not None:
-            body["detail"] = exc.detail
-        return JSONResponse(body, status_code=exc.status)
+        return ErrorResponse(exc.status, exc.message, exc.detail, retry_after_s=retry_after_s)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("textclf: unexpected error on %s", request.url.path)
+        return ErrorResponse(500, f"internal error: {type(exc).__name__}")
 
 
 def record(results: list[dict[str, Any]]) -> None:
@@ -117,18 +144,21 @@ def create_api(classifiers: Classifiers) -> FastAPI:
                     "classifier's labels (or null below the abstain threshold), with its probability.",
     )
     api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
-    add_error_handlers(api)
+    add_error_handlers(api, cfg.retry_after_s)
 
-    @api.post("/classify", response_model=Prediction, responses=ERRORS,
+    @api.post("/classify", response_model=Prediction, responses=ERRORS, openapi_extra=request_body(ClassifyRequest),
               summary="Classify one text with a named classifier (default: the server's default)")
-    async def classify(req: ClassifyRequest) -> dict[str, Any]:
+    async def classify(request: Request) -> dict[str, Any]:
+        req = parse_request(await request.body(), ClassifyRequest, cfg.max_batch)
         (r,) = await classifiers.classify([req.text], req.model, req.abstain_threshold)
         record([r])
         return r
 
     @api.post("/classify/batch", response_model=list[Prediction], responses=ERRORS,
+              openapi_extra=request_body(BatchRequest),
               summary="Classify several texts (at most max_batch) with one classifier")
-    async def classify_batch(req: BatchRequest) -> list[dict[str, Any]]:
+    async def classify_batch(request: Request) -> list[dict[str, Any]]:
+        req = parse_request(await request.body(), BatchRequest, cfg.max_batch)
         results = await classifiers.classify(req.texts, req.model, req.abstain_threshold)
         record(results)
         return results
@@ -141,7 +171,8 @@ def create_api(classifiers: Classifiers) -> FastAPI:
              responses={503: {"model": ErrorBody}})
     async def ready() -> JSONResponse:
         ok, reason = await classifiers.ready()
-        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503)
+        headers = None if ok else {"Retry-After": str(cfg.retry_after_s)}
+        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503, headers=headers)
 
     @api.get("/labels", summary="Each classifier's labels, and the default classifier")
     async def labels() -> dict[str, Any]:

@@ -48,9 +48,9 @@ class ClassifierServer:
         return create_api(self.classifiers)
 
     async def check_health(self) -> None:
-        """Ray Serve's periodic check: a dead engine fails it and Serve replaces the replica."""
-        if self.engine.errored:
-            raise RuntimeError("vLLM engine is dead")
+        """Ray Serve's periodic check: a dead engine, or one that answers no probe text in time, fails it and Serve
+        replaces the replica (health_probe_timeout_s, under the deployment's health_check_timeout_s)."""
+        await self.classifiers.check_health()
 
     def __del__(self):
         engine = getattr(self, "engine", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..inference import EngineSettings
 
@@ -41,13 +41,30 @@ class ServeConfig(BaseModel):
     # below it: label null, needs_review true; unset: each classifier's own (classifier.json, chosen by evaluation)
     abstain_threshold: Optional[float] = Field(None, ge=0, le=1)
     top_k: int = Field(5, ge=1)
-    request_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)  # an engine slower than this: 503
     ready_timeout_s: float = Field(10.0, gt=0)
+    # Serve's health check classifies a probe text within this (keep it under the deployment's
+    # health_check_timeout_s); skipped while real requests are being answered
+    health_probe_timeout_s: float = Field(10.0, gt=0)
+    # texts in the engine at once (a batch counts its texts); beyond it 503 at once. Default: 4 x engine.max_num_seqs
+    max_inflight_texts: Optional[int] = Field(None, ge=1)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of 503 answers
     # CPU cores per replica's engine (VLLM_CPU_OMP_THREADS_BIND): "slot" gives each replica on a node its own
     # `cores_per_replica` cores; "auto"/"nobind"/an explicit list like "0-3" go to vLLM as given.
     cpu_binding: str = "slot"
     cores_per_replica: Optional[int] = Field(None, ge=1)  # default: the replica's num_cpus, at least 1
     engine: EngineOptions = Field(default_factory=EngineOptions)
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_texts or 4 * self.engine.max_num_seqs
+
+    @model_validator(mode="after")
+    def _a_full_batch_fits(self) -> "ServeConfig":
+        if self.inflight_limit < self.max_batch:
+            raise ValueError(f"max_inflight_texts {self.inflight_limit} is under max_batch {self.max_batch}: a full "
+                             f"batch could never be admitted")
+        return self
 
     @field_validator("adapters")
     @classmethod

@@ -14,7 +14,7 @@ from ..kinds import kind_of
 from ..kinds.base import Scorer
 from ..prompts import Encoded, PromptFormat
 from .config import ServeConfig
-from .errors import EngineUnavailable, ServingError, TooLarge, UnknownClassifier
+from .errors import EngineUnavailable, Overloaded, ServingError, TooLarge, UnknownClassifier
 from .plan import ClassifierSpec, ServingPlan
 
 
@@ -62,6 +62,8 @@ class Classifiers:
     def __init__(self, cfg: ServeConfig, plan: ServingPlan, engine: Engine,
                  tokenizers: Optional[dict[str, Any]] = None):
         self.cfg, self.plan, self.engine = cfg, plan, engine
+        self.inflight = 0  # texts admitted and not answered yet (one event loop: no lock)
+        self.last_answer = float("-inf")  # time.monotonic() of the engine's latest answer
         self.loaded: dict[str, _Loaded] = {}
         for name, spec in plan.classifiers.items():
             tok = (tokenizers or {}).get(name)
@@ -103,25 +105,36 @@ class Classifiers:
         if long:
             raise TooLarge(f"text over the limit of {self.cfg.max_text_chars} characters", {"indices": long[:10]})
 
-    async def _one(self, c: _Loaded, text: str, threshold: Optional[float]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        enc = c.encode(text)
+    async def _complete(self, c: _Loaded, input_ids: list[int], timeout: float) -> dict[str, Any]:
+        """The engine's parsed answer within timeout; any engine failure as EngineUnavailable."""
         try:
-            out = await asyncio.wait_for(
-                self.engine.complete(enc.input_ids, c.params, uuid.uuid4().hex, c.spec), self.cfg.request_timeout_s
-            )
+            out = await asyncio.wait_for(self.engine.complete(input_ids, c.params, uuid.uuid4().hex, c.spec), timeout)
             r = c.parse(out)
         except ServingError:
             raise
         except asyncio.TimeoutError as exc:
-            raise EngineUnavailable(f"the engine did not answer within {self.cfg.request_timeout_s}s") from exc
+            raise EngineUnavailable(f"the engine did not answer within {timeout}s") from exc
         except Exception as exc:  # a dead or failing engine
             raise EngineUnavailable(f"engine failure: {type(exc).__name__}: {exc}"[:500]) from exc
+        self.last_answer = time.monotonic()
+        return r
+
+    async def _one(self, c: _Loaded, text: str, threshold: Optional[float]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        enc = c.encode(text)
+        r = await self._complete(c, enc.input_ids, self.cfg.request_timeout_s)
         r = {"label": r["label"], "confidence": float(r["confidence"]), "scores": top_k(r["scores"], self.cfg.top_k),
              "model": c.spec.name, "truncated": enc.truncated}
         r = apply_abstain(r, threshold)
         r["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return r
+
+    def _admit(self, n: int) -> None:
+        """Refuse at once what the engine could not start soon, counted in texts: a batch weighs what it carries."""
+        limit = self.cfg.inflight_limit
+        if self.inflight + n > limit:
+            raise Overloaded(f"server busy: {self.inflight} texts in progress, limit {limit}; retry later",
+                             {"inflight_texts": self.inflight, "max_inflight_texts": limit})
 
     async def classify(self, texts: Sequence[str], model: Optional[str] = None,
                        abstain_threshold: Optional[float] = None) -> list[dict[str, Any]]:
@@ -130,7 +143,30 @@ class Classifiers:
         threshold = self.threshold(c, abstain_threshold)
         if self.engine.errored:
             raise EngineUnavailable("the engine is not running")
-        return list(await asyncio.gather(*(self._one(c, t, threshold) for t in texts)))
+        self._admit(len(texts))
+        self.inflight += len(texts)
+        try:
+            return list(await asyncio.gather(*(self._one(c, t, threshold) for t in texts)))
+        finally:
+            self.inflight -= len(texts)
+
+    async def check_health(self) -> None:
+        """Serve's health check: raises when the engine is dead (at once) or answers no probe text within
+        health_probe_timeout_s, so that Serve replaces the replica. A recent answer to a real request proves
+        liveness, so a busy replica is not probed behind its own queue."""
+        if self.engine.errored:
+            raise EngineUnavailable("the engine is not running")
+        window = self.cfg.health_probe_timeout_s
+        started = time.monotonic()
+        if started - self.last_answer < window:
+            return
+        c = self.get(None)
+        try:
+            await self._complete(c, c.encode("health probe").input_ids, window)
+        except EngineUnavailable:
+            if self.last_answer >= started and not self.engine.errored:
+                return  # real requests were answered meanwhile: slow, not stalled
+            raise
 
     async def ready(self) -> tuple[bool, str]:
         """Engine loaded and answering: a health check and one real classification within ready_timeout_s."""

@@ -12,6 +12,10 @@ class ServingError(Exception):
         self.message, self.detail = message, detail
 
 
+class InvalidRequest(ServingError):
+    status = 422
+
+
 class UnknownClassifier(ServingError):
     status = 404
 
@@ -21,4 +25,8 @@ class TooLarge(ServingError):
 
 
 class EngineUnavailable(ServingError):
-    status = 503
+    status = 503  # answered with Retry-After
+
+
+class Overloaded(ServingError):
+    status = 503  # answered with Retry-After
