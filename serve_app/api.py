@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Iterable, Optional
+from http import HTTPStatus
+from typing import Any, Iterable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,37 +20,70 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_app import state
 from textclf.serving import (
     BatchRequest,
+    ClassificationResponse,
     Classifiers,
     ClassifyRequest,
     ErrorBody,
+    ModelList,
     Prediction,
     ServingError,
+    VllmClassifyRequest,
+    classification_response,
+    count_texts,
     parse_request,
+    read_json,
+    validate,
 )
 
 log = logging.getLogger("ray.serve")
 ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
 
 
-class ErrorResponse(JSONResponse):
-    """{"error": reason, "detail"?: ...} as ASCII JSON: a name echoed from a request may hold a lone surrogate,
-    which UTF-8 cannot encode."""
+def error_type(status: int) -> str:
+    """The status as vLLM and OpenAI clients name it: NotFoundError, UnprocessableEntityError, ..."""
+    try:
+        name = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+    return name if name.endswith("Error") else name + "Error"
 
-    def __init__(self, status: int, error: str, detail: Any = None, retry_after_s: Optional[int] = None,
+
+def param_of(detail: Any) -> Optional[str]:
+    """The request field a validation error names first (its loc after "body")."""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = [str(part) for part in detail[0].get("loc", ())[1:]]
+        return ".".join(loc) or None
+    return None
+
+
+class ErrorResponse(JSONResponse):
+    """OpenAI's error shape, {"error": {"message", "type", "param", "code", "detail"?}}, as ASCII JSON: a name
+    echoed from a request may hold a lone surrogate, which UTF-8 cannot encode."""
+
+    def __init__(self, status: int, message: str, detail: Any = None, retry_after_s: Optional[int] = None,
                  headers: Optional[dict[str, str]] = None):
-        body = {"error": error} if detail is None else {"error": error, "detail": detail}
+        error = {"message": message, "type": error_type(status), "param": param_of(detail), "code": status}
+        if detail is not None:
+            error["detail"] = detail
         headers = dict(headers or {})
         if retry_after_s is not None and status == 503:
             headers["Retry-After"] = str(retry_after_s)
-        super().__init__(body, status_code=status, headers=headers or None)
+        super().__init__({"error": error}, status_code=status, headers=headers or None)
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def request_body(model: type) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads its body itself (parse_request)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+def request_body(*models: type) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (parse_request): one model or any of several."""
+    schemas = [m.model_json_schema() for m in models]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def is_vllm_request(data: Any) -> bool:
+    """vLLM's classify request names its texts "input"; the project's own names its text "text"."""
+    return isinstance(data, dict) and "input" in data and "text" not in data
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -105,7 +139,7 @@ class HttpEdge:
 
 
 def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
-    """Every error as JSON {"error": reason, "detail"?: ...}; 503 answers carry Retry-After."""
+    """Every error in OpenAI's JSON shape (ErrorResponse); 503 answers carry Retry-After."""
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -137,6 +171,7 @@ def record(results: list[dict[str, Any]]) -> None:
 def create_api(classifiers: Classifiers) -> FastAPI:
     """The app's routes over these classifiers."""
     cfg = classifiers.cfg
+    started = int(time.time())
     api = FastAPI(
         title="textclf",
         version="0.1.0",
@@ -146,10 +181,18 @@ def create_api(classifiers: Classifiers) -> FastAPI:
     api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
     add_error_handlers(api, cfg.retry_after_s)
 
-    @api.post("/classify", response_model=Prediction, responses=ERRORS, openapi_extra=request_body(ClassifyRequest),
-              summary="Classify one text with a named classifier (default: the server's default)")
+    @api.post("/classify", response_model=Union[Prediction, ClassificationResponse], responses=ERRORS,
+              openapi_extra=request_body(ClassifyRequest, VllmClassifyRequest),
+              summary="Classify one text ({\"text\"}), or vLLM's request ({\"input\"}) with vLLM's answer")
     async def classify(request: Request) -> dict[str, Any]:
-        req = parse_request(await request.body(), ClassifyRequest, cfg.max_batch)
+        data = read_json(await request.body())
+        count_texts(data, cfg.max_batch)
+        if is_vllm_request(data):
+            vreq = validate(data, VllmClassifyRequest)
+            results = await classifiers.classify(vreq.texts, vreq.model, details=True)
+            record(results)
+            return classification_response(results[0]["model"], results)
+        req = validate(data, ClassifyRequest)
         (r,) = await classifiers.classify([req.text], req.model, req.abstain_threshold)
         record([r])
         return r
@@ -173,6 +216,12 @@ def create_api(classifiers: Classifiers) -> FastAPI:
         ok, reason = await classifiers.ready()
         headers = None if ok else {"Retry-After": str(cfg.retry_after_s)}
         return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503, headers=headers)
+
+    @api.get("/v1/models", response_model=ModelList, summary="The classifiers, in OpenAI's model list shape")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "textclf", "root": name,
+             "max_model_len": classifiers.plan.max_model_len, "permission": []} for name in classifiers.names]}
 
     @api.get("/labels", summary="Each classifier's labels, and the default classifier")
     async def labels() -> dict[str, Any]:

@@ -20,12 +20,14 @@ class FakeEngine:
         self.errored = False
         self.calls: list[tuple[list[int], str, str]] = []
         self.delay = 0.0  # seconds before each answer
+        self.delays: list[float] = []  # seconds before the next answers, one per call, before `delay` applies
         self.gate: Optional[asyncio.Event] = None  # set: answers wait until the event is set (a stalled engine)
 
     async def complete(self, ids, params, request_id, spec) -> Any:
         self.calls.append((ids, spec.name, request_id))
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        delay = self.delays.pop(0) if self.delays else self.delay
+        if delay:
+            await asyncio.sleep(delay)
         if self.gate is not None:
             await self.gate.wait()
         if self.errored:

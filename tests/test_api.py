@@ -25,12 +25,17 @@ def api(tokenizer):
 
 
 def error_of(r, status):
-    """The API's error body: JSON {"error": reason, "detail"?: ...}."""
+    """The API's error body, OpenAI's shape: {"error": {"message", "type", "param", "code", "detail"?}}; returned
+    flat, as {"error": message, "detail": ..., "type": ..., "param": ...}."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
-    assert isinstance(body["error"], str) and body["error"] and set(body) <= {"error", "detail"}, body
-    return body
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert {"message", "type", "param", "code"} <= set(err) <= {"message", "type", "param", "code", "detail"}, err
+    assert isinstance(err["message"], str) and err["message"] and err["code"] == status
+    assert err["type"].endswith("Error") and " " not in err["type"]
+    return {"error": err["message"], "detail": err.get("detail"), "type": err["type"], "param": err["param"]}
 
 
 def test_classify_batch_labels_health(api):
@@ -104,13 +109,15 @@ def test_health_check_does_not_kill_a_busy_replica(tokenizer):
     calls = len(engine.calls)
     assert calls == 1
 
-    clf, engine, _ = make_classifiers(tokenizer, health_probe_timeout_s=0.3, max_batch=40)
+    clf, engine, _ = make_classifiers(tokenizer, health_probe_timeout_s=1.0, max_batch=40)
 
     async def busy():
-        engine.delay = 0.4  # every answer takes longer than the probe's deadline
+        engine.delays = [0.3] * 8  # eight queued requests answered 0.3 s after they came
+        engine.delay = 30  # and the probe behind them: later than its deadline
         queue = asyncio.ensure_future(asyncio.gather(*(clf.classify([f"t{i}"]) for i in range(8))))
         await asyncio.sleep(0.1)
         await clf.check_health()  # the queued requests are answered during the probe's wait
+        assert len(engine.calls) == 9
         await queue
 
     asyncio.run(busy())
@@ -167,7 +174,7 @@ def post_raw(c, path, body: bytes, **headers):
 def test_lone_surrogates_are_a_json_4xx(api, path, body):
     c, _, engine = api
     r = post_raw(c, path, body)
-    assert r.status_code in (404, 422) and r.json()["error"], r.text
+    assert r.status_code in (404, 422) and r.json()["error"]["message"], r.text
     assert not engine.calls
 
 
@@ -256,13 +263,97 @@ def test_other_errors_are_json_too(api, monkeypatch):
 
 # -- docs and metrics -------------------------------------------------------------------------------------------
 
-def test_openapi_documents_the_request_bodies(api):
+def test_openapi_documents_every_route_and_both_request_shapes(api):
     c, _, _ = api
-    paths = c.get("/openapi.json").json()["paths"]
-    for path, field in (("/classify", "text"), ("/classify/batch", "texts")):
-        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        assert field in schema["properties"], schema
+    doc = c.get("/openapi.json").json()
+    paths = doc["paths"]
+    assert set(paths) == {"/classify", "/classify/batch", "/health", "/ready", "/labels", "/metrics", "/v1/models"}
+    one = paths["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
+    assert [sorted(s["required"]) for s in one] == [["text"], ["input"]]
+    batch = paths["/classify/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "texts" in batch["properties"]
+    answers = paths["/classify"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    assert {a["$ref"].rsplit("/", 1)[1] for a in answers} == {"Prediction", "ClassificationResponse"}
+    assert set(doc["components"]["schemas"]["ErrorBody"]["properties"]) == {"error"}
     assert c.get("/docs").status_code == 200
+
+
+# -- vLLM's classification API and OpenAI's model list -----------------------------------------------------------
+
+def test_vllm_classify_one_text(api):
+    c, clf, engine = api
+    r = c.post("/classify", json={"model": "clf", "input": "book me a flight"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"id", "object", "created", "model", "data", "usage"}
+    assert body["id"].startswith("classify-") and body["object"] == "list" and body["model"] == "clf"
+    assert abs(body["created"] - time.time()) < 60
+    (d,) = body["data"]
+    assert d["index"] == 0 and d["label"] == "travel" and d["num_classes"] == 3
+    assert d["probs"] == pytest.approx([0.2, 0.7, 0.1])  # every label, in the classifier's label order
+    tokens = len(engine.calls[0][0])
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] == tokens
+
+
+def test_vllm_classify_a_list_uses_the_default_and_the_servers_threshold(tokenizer):
+    c, _, engine = client_for(tokenizer, abstain_threshold=0.8)
+    r = c.post("/classify", json={"input": ["a", "b", "c"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "clf" and [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert [d["label"] for d in body["data"]] == [None, None, None]  # below the server's threshold, as /classify
+    assert body["usage"]["prompt_tokens"] == sum(len(call[0]) for call in engine.calls)
+
+
+@pytest.mark.parametrize("body,status", [
+    ({"input": []}, 422), ({"input": ["ok", "\u200b"]}, 422), ({"input": [1, 2, 3]}, 422), ({"input": [[1, 2]]}, 422),
+    ({"input": "ok", "model": "nope"}, 404), ({"input": ["x"] * 5}, 413), ({"input": "x" * 5001}, 413),
+    ({"input": "ok", "truncate_prompt_tokens": 8}, 422), ({"input": "ok", "abstain_threshold": 0.5}, 422),
+])
+def test_vllm_classify_refusals(api, body, status):
+    c, _, engine = api
+    error_of(c.post("/classify", json=body), status)
+    assert not engine.calls
+
+
+def test_vllm_refusal_names_the_field_and_index(api):
+    c, _, _ = api
+    err = error_of(c.post("/classify", json={"input": ["ok", "\u200b"]}), 422)
+    assert err["param"] == "input" and "[1]" in err["detail"][0]["msg"] and err["type"] == "UnprocessableEntityError"
+    err = error_of(c.post("/classify", json={"input": "ok", "model": "nope"}), 404)
+    assert err["type"] == "NotFoundError" and err["detail"] == {"valid": ["clf"]}
+
+
+def test_vllm_classify_accepts_user_and_request_id(api):
+    c, _, _ = api
+    r = c.post("/classify", json={"input": "hi", "user": "u1", "request_id": "r1"})
+    assert r.status_code == 200 and r.json()["data"][0]["label"] == "travel"
+
+
+def test_both_shapes_on_one_route(api):
+    """A body with "text" is this API's request even when it also carries "input" (refused there as unknown)."""
+    c, _, _ = api
+    assert c.post("/classify", json={"text": "hi"}).json()["label"] == "travel"
+    error_of(c.post("/classify", json={"text": "hi", "input": "hi"}), 422)
+
+
+def test_v1_models_lists_the_classifiers(api):
+    c, clf, _ = api
+    body = c.get("/v1/models").json()
+    assert body["object"] == "list"
+    (card,) = body["data"]
+    assert card["id"] == "clf" and card["object"] == "model" and card["owned_by"] == "textclf"
+    assert card["max_model_len"] == clf.plan.max_model_len and isinstance(card["created"], int)
+
+
+def test_errors_are_in_openai_shape_with_retry_after(tokenizer):
+    c, _, engine = client_for(tokenizer)
+    engine.errored = True
+    r = c.post("/classify", json={"input": "hi"})
+    err = error_of(r, 503)
+    assert err["type"] == "ServiceUnavailableError" and r.headers["retry-after"] == "1"
+    err = error_of(c.post("/classify", json={"text": "x" * 5001}), 413)
+    assert err["type"] == "RequestEntityTooLargeError" and err["detail"] == {"indices": [0]}
 
 
 def test_metrics_count_by_route(api):

@@ -85,9 +85,16 @@ class Prediction(BaseModel):
     needs_review: bool = False
 
 
+class ErrorInfo(BaseModel):
+    message: str
+    type: str = Field(..., description="The status as a name, e.g. NotFoundError (vLLM's and OpenAI's error shape).")
+    param: Optional[str] = Field(None, description="The request field at fault, when one is.")
+    code: int = Field(..., description="The HTTP status code.")
+    detail: Any = Field(None, description="More about the error, e.g. the valid classifier names or the fields.")
+
+
 class ErrorBody(BaseModel):
-    error: str
-    detail: Any = None
+    error: ErrorInfo
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -106,9 +113,10 @@ def read_json(body: bytes) -> Any:
 
 def count_texts(data: Any, max_batch: int) -> None:
     """A batch over max_batch is refused by its length, before each text is validated."""
-    texts = data.get("texts") if isinstance(data, dict) else None
-    if isinstance(texts, list) and len(texts) > max_batch:
-        raise TooLarge(f"batch of {len(texts)} texts is over the limit of {max_batch}")
+    for key in ("texts", "input"):
+        texts = data.get(key) if isinstance(data, dict) else None
+        if isinstance(texts, list) and len(texts) > max_batch:
+            raise TooLarge(f"batch of {len(texts)} texts is over the limit of {max_batch}")
 
 
 def validate(data: Any, model: type[M]) -> M:

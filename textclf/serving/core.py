@@ -119,13 +119,16 @@ class Classifiers:
         self.last_answer = time.monotonic()
         return r
 
-    async def _one(self, c: _Loaded, text: str, threshold: Optional[float]) -> dict[str, Any]:
+    async def _one(self, c: _Loaded, text: str, threshold: Optional[float], details: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         enc = c.encode(text)
-        r = await self._complete(c, enc.input_ids, self.cfg.request_timeout_s)
-        r = {"label": r["label"], "confidence": float(r["confidence"]), "scores": top_k(r["scores"], self.cfg.top_k),
-             "model": c.spec.name, "truncated": enc.truncated}
+        out = await self._complete(c, enc.input_ids, self.cfg.request_timeout_s)
+        r = {"label": out["label"], "confidence": float(out["confidence"]),
+             "scores": top_k(out["scores"], self.cfg.top_k), "model": c.spec.name, "truncated": enc.truncated}
         r = apply_abstain(r, threshold)
+        if details:  # every label's probability (0 where constrained decoding scored one) and the prompt's length
+            r["probs"] = [float(out["scores"].get(label, 0.0)) for label in c.fmt.labels]
+            r["prompt_tokens"] = len(enc.input_ids)
         r["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return r
 
@@ -137,7 +140,7 @@ class Classifiers:
                              {"inflight_texts": self.inflight, "max_inflight_texts": limit})
 
     async def classify(self, texts: Sequence[str], model: Optional[str] = None,
-                       abstain_threshold: Optional[float] = None) -> list[dict[str, Any]]:
+                       abstain_threshold: Optional[float] = None, details: bool = False) -> list[dict[str, Any]]:
         c = self.get(model)
         self.check_texts(texts)
         threshold = self.threshold(c, abstain_threshold)
@@ -146,7 +149,7 @@ class Classifiers:
         self._admit(len(texts))
         self.inflight += len(texts)
         try:
-            return list(await asyncio.gather(*(self._one(c, t, threshold) for t in texts)))
+            return list(await asyncio.gather(*(self._one(c, t, threshold, details) for t in texts)))
         finally:
             self.inflight -= len(texts)
 
