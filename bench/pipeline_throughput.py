@@ -70,10 +70,7 @@ def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
     test = [ex.text for ex in read_split(run_dir, "test")]
     texts = [ex.text for ex in read_validation(run_dir)] + test
     t0 = time.time()
-    e = cfg.eval
-    clf = BatchClassifier(model_dir, meta, {"max_num_seqs": e.max_num_seqs, "kv_cache_gib": e.kv_cache_gib,
-                                            "gpu_memory_utilization": e.gpu_memory_utilization}, adapter,
-                          e.cpu_threads_bind)
+    clf = BatchClassifier(model_dir, meta, cfg.eval.engine_settings(), adapter, cfg.eval.cpu_threads_bind)
     engine_start = time.time() - t0
     t1 = time.time()
     offline = clf.classify(texts)[-len(test):]

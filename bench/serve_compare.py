@@ -76,9 +76,7 @@ def engine_cli(cfg, plan) -> list[str]:
     """vLLM server flags for the engine the Serve app builds from the same configuration (`engine_plan`)."""
     from textclf.inference import engine_kwargs
 
-    kw = engine_kwargs(plan.engine_model, plan.max_model_len, max_num_seqs=cfg.engine.max_num_seqs,
-                       kv_cache_gib=cfg.engine.kv_cache_gib, gpu_memory_utilization=cfg.engine.gpu_memory_utilization,
-                       runner=plan.runner)
+    kw = engine_kwargs(plan.engine_model, plan.max_model_len, cfg.engine.settings(), runner=plan.runner)
     kw["disable_log_stats"] = True
     flags = []
     for k, v in kw.items():

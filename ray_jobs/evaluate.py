@@ -61,16 +61,14 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     splits = {"validation": read_validation(run_dir), "test": read_split(run_dir, "test")}
     init_ray(cfg)
     e = cfg.eval
-    engine_options = {"max_num_seqs": e.max_num_seqs, "kv_cache_gib": e.kv_cache_gib,
-                      "gpu_memory_utilization": e.gpu_memory_utilization}
     # Both splits in one pass (one engine start); each row carries its split and index to be put back in order.
     ds = ray.data.from_items([{"text": ex.text, "label": ex.label, "split": name, "row": i}
                               for name, examples in splits.items() for i, ex in enumerate(examples)])
     start = time.time()
     rows = ds.map_batches(
         BatchClassifier,
-        fn_constructor_kwargs={"model_dir": model_dir, "meta": meta, "engine_options": engine_options, "adapter_dir": adapter,
-                               "cpu_threads_bind": e.cpu_threads_bind},
+        fn_constructor_kwargs={"model_dir": model_dir, "meta": meta, "engine": e.engine_settings(),
+                               "adapter_dir": adapter, "cpu_threads_bind": e.cpu_threads_bind},
         batch_size=e.eval_batch_size,
         concurrency=1,
         num_cpus=e.eval_num_cpus,

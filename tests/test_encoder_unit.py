@@ -118,3 +118,15 @@ def test_trainer_initialization_follows_the_seed(tmp_path):
     assert any("classifier" in k for k in a) and any("lora_A" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_special_tokens_written_in_a_text_stay_text(bert_tokenizer):
+    """[SEP] or [CLS] in a text are its characters, not the encoder's separators; ordinary texts are unchanged."""
+    from textclf.kinds.encoder import encode
+
+    tok = bert_tokenizer
+    fmt = PromptFormat(("a", "b"), max_length=64)
+    ids = encode(tok, fmt, "hi [SEP] there [CLS]").input_ids
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert tok.sep_token_id not in ids[1:-1] and tok.cls_token_id not in ids[1:-1]
+    assert encode(tok, fmt, "what is my balance").input_ids == tok("what is my balance")["input_ids"]

@@ -2,8 +2,6 @@
 configuration, with a fake engine (no Ray, no vLLM engine)."""
 import asyncio
 import json
-import math
-from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -12,20 +10,16 @@ from textclf.export import read_meta, update_meta, write_meta
 from textclf.prompts import PromptFormat
 from textclf.serving import (
     BatchRequest,
-    ClassifierSpec,
-    Classifiers,
     ClassifyRequest,
     EngineUnavailable,
     ServeConfig,
-    ServingPlan,
     TooLarge,
     UnknownClassifier,
     apply_abstain,
     resolve_plan,
 )
 
-LABELS = ("banking", "travel", "kitchen_and_dining")
-
+from serving_fakes import LABELS, make_classifiers
 
 # -- request models ---------------------------------------------------------------------------------------------
 
@@ -33,6 +27,9 @@ LABELS = ("banking", "travel", "kitchen_and_dining")
     {"text": ""}, {"text": "   \n\t"}, {"text": 3}, {"text": None}, {"text": ["a"]}, {},
     {"text": "ok", "model_path": "/etc/passwd"},  # unknown fields are refused: no request names a path
     {"text": "ok", "abstain_threshold": 1.5}, {"text": "ok", "model": 7},
+    {"text": "\u200b"}, {"text": "\x00"}, {"text": "\u2060"}, {"text": " \ufeff\u200b\n"}, {"text": "\u3164"},
+    {"text": "\ud800"}, {"text": "ok \udc00"},  # lone surrogates: not Unicode text
+    {"text": "ok", "abstain_threshold": "0.5"}, {"text": "ok", "abstain_threshold": True},  # strict floats
 ])
 def test_classify_request_rejects(body):
     with pytest.raises(ValidationError):
@@ -42,9 +39,14 @@ def test_classify_request_rejects(body):
 def test_classify_request_accepts():
     r = ClassifyRequest.model_validate({"text": " hi ", "model": "tickets", "abstain_threshold": 0.4})
     assert r.text == " hi " and r.model == "tickets" and r.abstain_threshold == 0.4
+    for ok in ("\u200bhi", "é", "🚀", "中", "\u0301a"):  # a visible character anywhere is enough
+        assert ClassifyRequest.model_validate({"text": ok}).text == ok
+    assert ClassifyRequest.model_validate({"text": "x", "abstain_threshold": 1}).abstain_threshold == 1.0
 
 
-@pytest.mark.parametrize("body", [{"texts": []}, {"texts": "abc"}, {"texts": ["a", ""]}, {"texts": ["a", 1]}])
+@pytest.mark.parametrize("body", [{"texts": []}, {"texts": "abc"}, {"texts": ["a", ""]}, {"texts": ["a", 1]},
+                                  {"texts": ["a", "\u200b"]}, {"texts": ["\ud800"]},
+                                  {"texts": ["a"], "abstain_threshold": "0.5"}])
 def test_batch_request_rejects(body):
     with pytest.raises(ValidationError):
         BatchRequest.model_validate(body)
@@ -63,37 +65,8 @@ def test_abstain():
 
 # -- the classify core with a fake engine -----------------------------------------------------------------------
 
-class FakeEngine:
-    """Answers one-step scoring with fixed logits per label first token."""
-
-    def __init__(self, plan_logprobs):
-        self.logprobs = plan_logprobs
-        self.errored = False
-        self.calls = []
-
-    async def complete(self, ids, params, request_id, spec):
-        self.calls.append((ids, spec.name, request_id))
-        if self.errored:
-            raise RuntimeError("EngineDeadError")
-        step = {t: SimpleNamespace(logprob=lp) for t, lp in self.logprobs.items()}
-        return SimpleNamespace(logprobs=[step], text="", cumulative_logprob=None)
-
-    async def check_health(self):
-        if self.errored:
-            raise RuntimeError("dead")
-
-
 def _core(tokenizer, meta=None, **cfg):
-    """Classifiers over one classifier `clf` whose fake engine answers travel 0.7, banking 0.2, kitchen 0.1."""
-    fmt = PromptFormat(labels=LABELS, max_length=64)
-    meta = meta or {"kind": "merged", "base_model": "x", "labels": list(LABELS), "prompt": fmt.to_dict()}
-    spec = ClassifierSpec("clf", meta, "unused")
-    plan = ServingPlan("unused", {"clf": spec}, "clf", 64, False, 1, 16)
-    firsts = [ids[0] for ids in fmt.label_token_ids(tokenizer)]
-    assert len(set(firsts)) == 3
-    engine = FakeEngine({firsts[0]: math.log(0.2), firsts[1]: math.log(0.7), firsts[2]: math.log(0.1)})
-    cfg = ServeConfig(**{"max_batch": 4, "max_text_chars": 5000, "top_k": 2, **cfg})
-    return Classifiers(cfg, plan, engine, tokenizers={"clf": tokenizer}), engine, fmt
+    return make_classifiers(tokenizer, meta, **cfg)
 
 
 @pytest.fixture
@@ -221,8 +194,27 @@ def test_yaml_config_is_valid():
     assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
 
 
+def test_yaml_limits_overload_and_health_check():
+    """Serve's own schema takes the file; its queue is bounded and refuses with Retry-After; its deadline is a
+    backstop behind the app's; the health probe answers within Serve's health-check timeout."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import DEFAULT_CONFIG
+
+    conf = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    ServeDeploySchema.model_validate(conf)
+    (app,) = conf["applications"]
+    cfg = ServeConfig.model_validate(app["args"])
+    (dep,) = app["deployments"]
+    assert dep["max_queued_requests"] >= 1 and dep["backpressure_config"]["retry_after_s"] >= 1
+    assert conf["http_options"]["request_timeout_s"] > cfg.request_timeout_s
+    assert cfg.health_probe_timeout_s < dep["health_check_timeout_s"]
+    assert cfg.inflight_limit >= cfg.max_batch
+
+
 def test_cores_of_a_bind_list():
-    from serve_app.app import cores_of
+    from serve_app.cpu_placement import cores_of
 
     assert cores_of("0") == {0} and cores_of("0,2") == {0, 2} and cores_of("1-3") == {1, 2, 3}
     assert cores_of("0-1|4-5") == {0, 1, 4, 5}
@@ -253,7 +245,7 @@ def _affinity_probe(q) -> None:
     import sys
     import threading
 
-    from serve_app.app import engine_on_its_cores
+    from serve_app.cpu_placement import engine_on_its_cores
 
     allowed = os.sched_getaffinity(0)
     core = min(allowed)
@@ -267,3 +259,17 @@ def _affinity_probe(q) -> None:
     stop.set()
     t.join()
     q.put((core, set(json.loads(out)), threads_after, allowed))
+
+
+def test_evaluation_and_serving_build_engine_arguments_through_one_path():
+    """Both configurations keep their own keys and defaults and become vLLM's arguments through engine_kwargs."""
+    from textclf.config import EvalConfig
+    from textclf.inference import engine_kwargs, on_gpu
+
+    if on_gpu():
+        pytest.skip("the CPU arguments are checked")
+    ev = engine_kwargs("m", 64, EvalConfig().engine_settings())
+    sv = engine_kwargs("m", 64, ServeConfig().engine.settings())
+    assert (ev["max_num_seqs"], ev["kv_cache_memory_bytes"]) == (256, 1 << 30)
+    assert (sv["max_num_seqs"], sv["kv_cache_memory_bytes"]) == (64, 1 << 29)
+    assert set(ev) == set(sv)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .inference import EngineSettings
 from .prompts import DEFAULT_INSTRUCTION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +260,9 @@ class EvalConfig:
         metadata={"help": "evaluate a registered model (models:/<name>/<version>, /latest or @<alias>) on the run's "
                           "splits instead of the run's own; its report goes to <run>/evaluations/<name>-<version>/"},
     )
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(self.max_num_seqs, self.kv_cache_gib, self.gpu_memory_utilization)
 
 
 @dataclass

@@ -99,13 +99,21 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine settings a user configures: the evaluation's (`eval:` keys) and the server's (`engine:`), each
+    with its own defaults, both turned into vLLM's arguments by `engine_kwargs`."""
+
+    max_num_seqs: int
+    kv_cache_gib: float  # CPU: the KV cache size
+    gpu_memory_utilization: float  # GPU: the fraction of its memory vLLM may take
+
+
 def engine_kwargs(
     model_path: str,
     max_model_len: int,
+    settings: EngineSettings,
     *,
-    max_num_seqs: int = 256,
-    kv_cache_gib: float = 1.0,
-    gpu_memory_utilization: float = 0.85,
     enable_lora: bool = False,
     max_loras: int = 1,
     max_lora_rank: int = 16,
@@ -116,14 +124,14 @@ def engine_kwargs(
     kw: dict[str, Any] = dict(
         model=model_path,
         max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
+        max_num_seqs=settings.max_num_seqs,
         enable_prefix_caching=runner == "generate",  # every prompt shares the instruction and label list
         seed=0,
     )
     if runner != "generate":
         kw["runner"] = runner
     if on_gpu():
-        kw.update(dtype="auto", gpu_memory_utilization=gpu_memory_utilization)
+        kw.update(dtype="auto", gpu_memory_utilization=settings.gpu_memory_utilization)
     else:
         # On CPU the utilization fraction sizes host memory (the default 0.92 fails): size the KV cache directly.
         # Blocks of 32 tokens (the CPU backend's smallest) let prefix caching reuse the shared instruction;
@@ -131,7 +139,7 @@ def engine_kwargs(
         kw.update(
             dtype="bfloat16" if cpu_has_native_bf16() else "float32",
             enforce_eager=True,
-            kv_cache_memory_bytes=int(kv_cache_gib * (1 << 30)),
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * (1 << 30)),
             block_size=32,
         )
     if enable_lora:
@@ -161,7 +169,7 @@ class BatchClassifier:
         self,
         model_dir: str,
         meta: dict[str, Any],
-        engine_options: dict[str, Any],
+        engine: EngineSettings,
         adapter_dir: Optional[str] = None,
         cpu_threads_bind: Optional[str] = "all",
     ):
@@ -178,8 +186,8 @@ class BatchClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
         self.scorer = kind.scorer(self.fmt, self.tokenizer)
         self.runner = kind.runner
-        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, enable_lora=adapter_dir is not None,
-                                       runner=kind.runner, **engine_options))
+        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, engine, enable_lora=adapter_dir is not None,
+                                       runner=kind.runner))
         self.lora = None
         if adapter_dir:
             from vllm.lora.request import LoRARequest

@@ -3,12 +3,16 @@ the tokens a served request sees are the tokens the model was trained on.
 """
 from __future__ import annotations
 
+import copy
 import re
+import weakref
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 _LONGEST: dict = {}  # (tokenizer id, format) -> longest label completion in tokens; encode() runs per request
 _AROUND: dict = {}  # (tokenizer id, format) -> the chat prompt's text before and after the user's text, or None
+_PARTS: dict = {}  # (tokenizer id, format) -> the prompt's ids and text around the user's text (_prompt_ids)
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> backend that reads specials as text
 _MARK = " \x00textclf\x00 "  # edge spaces: a template that strips or escapes the content cannot be split
 
 # Worded so the prefix every prompt of the bundled task shares (template + instruction + labels) fills two of vLLM's
@@ -29,6 +33,26 @@ def token_ids(tokenizer, s: str, special_tokens: bool = False) -> list[int]:
     if backend is not None and backend.padding is None and backend.truncation is None:
         return backend.encode(s, add_special_tokens=special_tokens).ids
     return tokenizer(s, add_special_tokens=special_tokens)["input_ids"]
+
+
+def text_token_ids(tokenizer, s: str, special_tokens: bool = False) -> list[int]:
+    """The ids of a user's text read as plain text: a special token written in it (`<|im_start|>`, `[SEP]`) becomes
+    its characters' tokens, never the control token; special_tokens adds the tokenizer's own ([CLS] ... [SEP]).
+    Text without special tokens gets the ids `token_ids` gives.
+
+    A fast tokenizer gets a copy of its backend with encode_special_tokens set, padding and truncation off: the
+    wrapper's split_special_tokens=True leaves that flag set on the shared backend after the call."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        return tokenizer(s, add_special_tokens=special_tokens, split_special_tokens=True)["input_ids"]
+    plain = _PLAIN.get(tokenizer)
+    if plain is None:
+        plain = copy.deepcopy(backend)
+        plain.encode_special_tokens = True
+        plain.no_padding()
+        plain.no_truncation()
+        _PLAIN[tokenizer] = plain
+    return plain.encode(s, add_special_tokens=special_tokens).ids
 
 
 @dataclass(frozen=True)
@@ -116,6 +140,35 @@ class PromptFormat:
             _AROUND[key] = (parts[0], parts[1]) if ok else None
         return _AROUND[key]
 
+    def _split(self, tokenizer) -> Optional[tuple[str, str]]:
+        """The prompt string before and after the user's text; None when a template changes the text."""
+        if self._chat(tokenizer):
+            return self._around(tokenizer)
+        parts = self.prompt(tokenizer, _MARK).split(_MARK)
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+    def _prompt_ids(self, tokenizer, text: str) -> list[int]:
+        """The prompt's ids with the user's text read as plain text (text_token_ids), so that a text cannot write the
+        template's control tokens. The prompt is cut at the special tokens next to the text, where the tokenizer
+        splits it anyway: a text without special tokens gets the ids of the whole prompt string."""
+        key = (id(tokenizer), self)
+        if key not in _PARTS:
+            split = self._split(tokenizer)
+            if split is None:
+                _PARTS[key] = None
+            else:
+                before, after = split
+                specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+                cut = max((before.rfind(t) + len(t) for t in specials if t in before), default=0)
+                end = min((after.find(t) for t in specials if t in after), default=len(after))
+                _PARTS[key] = (self._ids(tokenizer, before[:cut]), before[cut:], after[:end],
+                               self._ids(tokenizer, after[end:]))
+        parts = _PARTS[key]
+        if parts is None:  # a template that does not insert the text verbatim: its rendering as it is
+            return self._ids(tokenizer, self.prompt(tokenizer, text))
+        head, lead, trail, tail = parts
+        return head + text_token_ids(tokenizer, lead + text + trail) + tail
+
     def completion(self, tokenizer, label: str) -> str:
         """What the model must produce for a label: its answer and the end-of-turn marker, exactly as the template
         has it."""
@@ -147,22 +200,22 @@ class PromptFormat:
         within max_length, as in training."""
         completion_ids = self._ids(tokenizer, self.completion(tokenizer, label)) if label is not None else []
         reserve = len(completion_ids) if label is not None else self._longest_completion(tokenizer)
-        prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, text))
+        prompt_ids = self._prompt_ids(tokenizer, text)
         truncated = False
         if len(prompt_ids) + reserve > self.max_length:
-            overhead = len(self._ids(tokenizer, self.prompt(tokenizer, ""))) + reserve
+            overhead = len(self._prompt_ids(tokenizer, "")) + reserve
             budget = self.max_length - overhead
             if budget < 1:
                 raise ValueError(
                     f"max_length {self.max_length} leaves no room for text: the instruction and label take {overhead} tokens"
                 )
-            text_ids = self._ids(tokenizer, text)[:budget]
+            text_ids = text_token_ids(tokenizer, text)[:budget]
             cut = tokenizer.decode(text_ids, skip_special_tokens=True)
-            prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
+            prompt_ids = self._prompt_ids(tokenizer, cut)
             # Decoding and re-encoding can merge tokens differently: trim until it fits.
             while len(prompt_ids) + reserve > self.max_length and cut:
                 cut = cut[:-1]
-                prompt_ids = self._ids(tokenizer, self.prompt(tokenizer, cut))
+                prompt_ids = self._prompt_ids(tokenizer, cut)
             truncated = True
         return Encoded(input_ids=prompt_ids + completion_ids, prompt_length=len(prompt_ids), truncated=truncated)
 

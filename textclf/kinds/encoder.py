@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from ..prompts import Encoded, PromptFormat, token_ids
+from ..prompts import Encoded, PromptFormat, text_token_ids
 from .base import ModelKind, Scorer
 
 
 def encode(tokenizer, fmt: PromptFormat, text: str) -> Encoded:
-    """[CLS] text [SEP] token ids, cut to fmt.max_length (keeping the final [SEP]) and flagged when cut."""
-    ids = token_ids(tokenizer, text, special_tokens=True)
+    """[CLS] text [SEP] token ids, cut to fmt.max_length (keeping the final [SEP]) and flagged when cut; a special
+    token written in the text is read as its characters."""
+    ids = text_token_ids(tokenizer, text, special_tokens=True)
     truncated = len(ids) > fmt.max_length
     if truncated:
         tail = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None and ids[-1] == tokenizer.sep_token_id else []
@@ -172,7 +173,7 @@ class EncoderKind(ModelKind):
     label_room = 0
 
     def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
-        return len(token_ids(tokenizer, "", special_tokens=True))
+        return len(text_token_ids(tokenizer, "", special_tokens=True))
 
     def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
         return encode(tokenizer, fmt, text), {"label_id": fmt.labels.index(label)}

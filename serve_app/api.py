@@ -1,0 +1,236 @@
+"""The HTTP API: a FastAPI app over a `textclf.serving.Classifiers`, with the request-edge middleware (body limit,
+metrics) and the mapping of errors to JSON answers. Built per replica by the Serve deployment (serve_app/app.py),
+and without Ray in the unit tests."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from http import HTTPStatus
+from typing import Any, Iterable, Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app import state
+from textclf.serving import (
+    BatchRequest,
+    ClassificationResponse,
+    Classifiers,
+    ClassifyRequest,
+    ErrorBody,
+    ModelList,
+    Prediction,
+    ServingError,
+    VllmClassifyRequest,
+    classification_response,
+    count_texts,
+    parse_request,
+    read_json,
+    validate,
+)
+
+log = logging.getLogger("ray.serve")
+ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
+
+
+def error_type(status: int) -> str:
+    """The status as vLLM and OpenAI clients name it: NotFoundError, UnprocessableEntityError, ..."""
+    try:
+        name = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+    return name if name.endswith("Error") else name + "Error"
+
+
+def param_of(detail: Any) -> Optional[str]:
+    """The request field a validation error names first (its loc after "body")."""
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = [str(part) for part in detail[0].get("loc", ())[1:]]
+        return ".".join(loc) or None
+    return None
+
+
+class ErrorResponse(JSONResponse):
+    """OpenAI's error shape, {"error": {"message", "type", "param", "code", "detail"?}}, as ASCII JSON: a name
+    echoed from a request may hold a lone surrogate, which UTF-8 cannot encode."""
+
+    def __init__(self, status: int, message: str, detail: Any = None, retry_after_s: Optional[int] = None,
+                 headers: Optional[dict[str, str]] = None):
+        error = {"message": message, "type": error_type(status), "param": param_of(detail), "code": status}
+        if detail is not None:
+            error["detail"] = detail
+        headers = dict(headers or {})
+        if retry_after_s is not None and status == 503:
+            headers["Retry-After"] = str(retry_after_s)
+        super().__init__({"error": error}, status_code=status, headers=headers or None)
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def request_body(*models: type) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (parse_request): one model or any of several."""
+    schemas = [m.model_json_schema() for m in models]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def is_vllm_request(data: Any) -> bool:
+    """vLLM's classify request names its texts "input"; the project's own names its text "text"."""
+    return isinstance(data, dict) and "input" in data and "text" not in data
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over the limit of {limit} bytes")
+
+
+class HttpEdge:
+    """Request counts and latency for /metrics, and the body limit: bodies over max_body_bytes get 413, by
+    Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
+    (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
+    hundreds of requests per second."""
+
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int):
+        self.app, self.limit = app, max_body_bytes
+        # built at the first request, when every route is registered; other paths count as "other"
+        self.endpoints = frozenset(getattr(r, "path", "") for r in routes) - {""}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = 500
+
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            limit = self.limit
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                resp = ErrorResponse(413, f"request body over the limit of {limit} bytes")
+                return await resp(scope, receive, send_status)
+            seen = 0
+
+            async def limited() -> Message:
+                nonlocal seen
+                msg = await receive()
+                if msg["type"] == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge(limit)
+                return msg
+
+            return await self.app(scope, limited, send_status)
+        finally:
+            state.REQUESTS.labels(endpoint, str(status)).inc()
+            state.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
+    """Every error in OpenAI's JSON shape (ErrorResponse); 503 answers carry Retry-After."""
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # loc/msg/type only: the offending input can be a megabyte of text, not worth echoing
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
+        return ErrorResponse(422, "invalid request", errors)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ErrorResponse(exc.status_code, str(exc.detail), retry_after_s=retry_after_s, headers=exc.headers)
+
+    @api.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        return ErrorResponse(exc.status, exc.message, exc.detail, retry_after_s=retry_after_s)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("textclf: unexpected error on %s", request.url.path)
+        return ErrorResponse(500, f"internal error: {type(exc).__name__}")
+
+
+def record(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        state.PREDICTIONS.labels(r["model"], r["label"] or "").inc()
+        if r["truncated"]:
+            state.TRUNCATED.labels(r["model"]).inc()
+
+
+def create_api(classifiers: Classifiers) -> FastAPI:
+    """The app's routes over these classifiers."""
+    cfg = classifiers.cfg
+    started = int(time.time())
+    api = FastAPI(
+        title="textclf",
+        version="0.1.0",
+        description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
+                    "classifier's labels (or null below the abstain threshold), with its probability.",
+    )
+    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
+    add_error_handlers(api, cfg.retry_after_s)
+
+    @api.post("/classify", response_model=Union[Prediction, ClassificationResponse], responses=ERRORS,
+              openapi_extra=request_body(ClassifyRequest, VllmClassifyRequest),
+              summary="Classify one text ({\"text\"}), or vLLM's request ({\"input\"}) with vLLM's answer")
+    async def classify(request: Request) -> dict[str, Any]:
+        data = read_json(await request.body())
+        count_texts(data, cfg.max_batch)
+        if is_vllm_request(data):
+            vreq = validate(data, VllmClassifyRequest)
+            results = await classifiers.classify(vreq.texts, vreq.model, details=True)
+            record(results)
+            return classification_response(results[0]["model"], results)
+        req = validate(data, ClassifyRequest)
+        (r,) = await classifiers.classify([req.text], req.model, req.abstain_threshold)
+        record([r])
+        return r
+
+    @api.post("/classify/batch", response_model=list[Prediction], responses=ERRORS,
+              openapi_extra=request_body(BatchRequest),
+              summary="Classify several texts (at most max_batch) with one classifier")
+    async def classify_batch(request: Request) -> list[dict[str, Any]]:
+        req = parse_request(await request.body(), BatchRequest, cfg.max_batch)
+        results = await classifiers.classify(req.texts, req.model, req.abstain_threshold)
+        record(results)
+        return results
+
+    @api.get("/health", summary="Liveness: the replica process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/ready", summary="Readiness: the engine is loaded and classifies a probe text",
+             responses={503: {"model": ErrorBody}})
+    async def ready() -> JSONResponse:
+        ok, reason = await classifiers.ready()
+        headers = None if ok else {"Retry-After": str(cfg.retry_after_s)}
+        return JSONResponse({"ready": ok, "reason": reason}, status_code=200 if ok else 503, headers=headers)
+
+    @api.get("/v1/models", response_model=ModelList, summary="The classifiers, in OpenAI's model list shape")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "textclf", "root": name,
+             "max_model_len": classifiers.plan.max_model_len, "permission": []} for name in classifiers.names]}
+
+    @api.get("/labels", summary="Each classifier's labels, and the default classifier")
+    async def labels() -> dict[str, Any]:
+        return {"default": classifiers.plan.default, "classifiers": classifiers.labels(),
+                "abstain_threshold": cfg.abstain_threshold, "abstain_thresholds": classifiers.thresholds(),
+                "max_batch": cfg.max_batch, "max_text_chars": cfg.max_text_chars}
+
+    @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(state.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return api

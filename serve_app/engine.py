@@ -1,0 +1,45 @@
+"""`textclf.serving.Engine` over vLLM's AsyncLLM: the engine a replica owns."""
+from __future__ import annotations
+
+from typing import Any
+
+from textclf.inference import engine_kwargs, engine_output
+from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
+
+
+class VllmEngine:
+    """One AsyncLLM for the plan's model; one LoRARequest per configured adapter."""
+
+    def __init__(self, plan: ServingPlan, cfg: ServeConfig):
+        # vLLM takes seconds to import: only replicas load it, not the builder or the tests that import the app
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kw = engine_kwargs(plan.engine_model, plan.max_model_len, cfg.engine.settings(), enable_lora=plan.enable_lora,
+                           max_loras=plan.max_loras, max_lora_rank=plan.max_lora_rank, runner=plan.runner)
+        self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
+        kw["disable_log_stats"] = True
+        self.loras = {s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir)
+                      for s in plan.classifiers.values() if s.adapter_dir}
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+
+    async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any:
+        final = None
+        run = self.llm.encode if self.runner == "pooling" else self.llm.generate
+        async for out in run({"prompt_token_ids": prompt_token_ids}, params, request_id=request_id,
+                             lora_request=self.loras.get(spec.name)):
+            final = out
+        if final is None or not final.outputs:
+            raise RuntimeError("the engine returned no output")
+        return engine_output(self.runner, final)
+
+    async def check_health(self) -> None:
+        await self.llm.check_health()
+
+    @property
+    def errored(self) -> bool:
+        return self.llm.errored
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
