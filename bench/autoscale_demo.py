@@ -8,6 +8,7 @@ via cpu_binding "slot") in a local Ray with the serving environment, drives load
 spreads it over the replicas): low, then high, then low again, and records the replica count once a second
 from Serve's own API (`serve.status()`: replicas per state). Writes bench/results/autoscale-<model>.json and .png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ def poll_replicas(samples: list, stop: threading.Event, t0: float, app: str, dep
         try:
             st = serve.status().applications[app].deployments[deployment]
             states = {str(getattr(k, "value", k)): v for k, v in st.replica_states.items()}
-            samples.append({"t": round(time.time() - t0, 1), "running": states.get("RUNNING", 0), "states": states,
-                            "status": str(getattr(st.status, "value", st.status))})
+            samples.append(
+                {
+                    "t": round(time.time() - t0, 1),
+                    "running": states.get("RUNNING", 0),
+                    "states": states,
+                    "status": str(getattr(st.status, "value", st.status)),
+                }
+            )
         except Exception as exc:  # the controller is briefly busy while it scales: keep polling
             samples.append({"t": round(time.time() - t0, 1), "error": repr(exc)[:200]})
         stop.wait(1.0)
@@ -47,8 +54,13 @@ def plot(samples: list, phases: list, path: Path, title: str) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     ok = [s for s in samples if "running" in s]
     ax1.step([s["t"] for s in ok], [s["running"] for s in ok], where="post", label="running replicas")
-    ax1.step([s["t"] for s in ok], [sum(s["states"].values()) for s in ok], where="post", linestyle="--",
-             label="replicas in any state")
+    ax1.step(
+        [s["t"] for s in ok],
+        [sum(s["states"].values()) for s in ok],
+        where="post",
+        linestyle="--",
+        label="replicas in any state",
+    )
     ax1.set_ylabel("replicas")
     ax1.set_yticks(range(0, 4))
     ax1.legend(loc="upper left")
@@ -83,16 +95,25 @@ def main() -> None:
     slug = Path(a.model.rstrip("/")).name.lower()
     out = RESULTS / f"autoscale-{slug}"
     out.mkdir(parents=True, exist_ok=True)
-    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": a.target,
-                   "upscale_delay_s": a.upscale_delay, "downscale_delay_s": a.downscale_delay}
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": a.target,
+        "upscale_delay_s": a.upscale_delay,
+        "downscale_delay_s": a.downscale_delay,
+    }
     from serve_app.local import LocalServe, free_port
 
     di = free_port()
     with LocalServe(di_ports=(di, di + 20)) as cluster:
         from serve_app.app import DEPLOYMENT, app_from_config
 
-        cluster.run(app_from_config(deployment_overrides={"autoscaling_config": autoscaling},
-                                    **{**serve_args({}), "model_dir": folder, "run": None}))
+        cluster.run(
+            app_from_config(
+                deployment_overrides={"autoscaling_config": autoscaling},
+                **{**serve_args({}), "model_dir": folder, "run": None},
+            )
+        )
         samples: list = []
         stop = threading.Event()
         t0 = time.time()
@@ -103,25 +124,64 @@ def main() -> None:
             name = f"phase{len(phases)}"
             start = time.time() - t0
             print(f"--- {start:5.0f} s: {conc} concurrent for {secs:.0f} s", flush=True)
-            subprocess.run([sys.executable, "-m", "bench.loadtest", "--url", cluster.proxy_url, "--concurrency",
-                            str(conc), "--duration", str(secs), "--warmup", "0", "--out", str(out), "--name", name,
-                            "--progress", "5"], cwd=ROOT, check=False)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.loadtest",
+                    "--url",
+                    cluster.proxy_url,
+                    "--concurrency",
+                    str(conc),
+                    "--duration",
+                    str(secs),
+                    "--warmup",
+                    "0",
+                    "--out",
+                    str(out),
+                    "--name",
+                    name,
+                    "--progress",
+                    "5",
+                ],
+                cwd=ROOT,
+                check=False,
+            )
             r = json.loads((out / f"{name}.json").read_text())
-            phases.append({"t0": round(start, 1), "concurrency": conc, "seconds": secs, "rps": r["rps"],
-                           "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"],
-                           "timeline": r["timeline"]})
+            phases.append(
+                {
+                    "t0": round(start, 1),
+                    "concurrency": conc,
+                    "seconds": secs,
+                    "rps": r["rps"],
+                    "p50_ms": r["p50_ms"],
+                    "p99_ms": r["p99_ms"],
+                    "errors": r["errors"],
+                    "timeline": r["timeline"],
+                }
+            )
             running = [s["running"] for s in samples if "running" in s]
-            print(f"    {r['rps']} req/s, p99 {r['p99_ms']} ms, errors {r['errors']}; replicas now "
-                  f"{running[-1] if running else '?'}", flush=True)
+            print(
+                f"    {r['rps']} req/s, p99 {r['p99_ms']} ms, errors {r['errors']}; replicas now "
+                f"{running[-1] if running else '?'}",
+                flush=True,
+            )
         stop.set()
         poller.join()
     result = {"model": a.model, "autoscaling_config": autoscaling, "phases": phases, "replicas": samples}
     path = RESULTS / f"autoscale-{slug}.json"
     path.write_text(json.dumps(result, indent=1))
-    plot(samples, phases, RESULTS / f"autoscale-{slug}.png",
-         f"{a.model}: load {a.low} -> {a.high} -> {a.low} concurrent, replicas from serve.status()")
-    changes = [(s["t"], s["running"]) for i, s in enumerate(samples) if "running" in s
-               and (i == 0 or s["running"] != samples[i - 1].get("running"))]
+    plot(
+        samples,
+        phases,
+        RESULTS / f"autoscale-{slug}.png",
+        f"{a.model}: load {a.low} -> {a.high} -> {a.low} concurrent, replicas from serve.status()",
+    )
+    changes = [
+        (s["t"], s["running"])
+        for i, s in enumerate(samples)
+        if "running" in s and (i == 0 or s["running"] != samples[i - 1].get("running"))
+    ]
     print("replica count changes (t s, running):", changes)
     print(f"wrote {path} and .png")
 

@@ -9,6 +9,7 @@ Writes runs/compare.md and compare.json with macro-F1, accuracy, training wall t
 and latency percentiles. `--smoke` takes configs/smoke.yaml and a short load (a plumbing check, not a measurement);
 other `--key value` flags go to both runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,25 @@ def serve_and_measure(run_dir: Path, concurrency: int, duration: float, warmup: 
     import ray
 
     ray.shutdown()
-    subprocess.run([sys.executable, "-m", "bench.serve_compare", "--model", str(run_dir), "--only",
-                    "ingress,ingress_via_proxy", "--concurrency", str(concurrency), "--duration", str(duration),
-                    "--warmup", str(warmup)], cwd=PROJECT_ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.serve_compare",
+            "--model",
+            str(run_dir),
+            "--only",
+            "ingress,ingress_via_proxy",
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--warmup",
+            str(warmup),
+        ],
+        cwd=PROJECT_ROOT,
+        check=True,
+    )
     return json.loads(result_path(str(run_dir)).read_text())
 
 
@@ -50,11 +67,17 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ("training wall time (s)", lambda r: f"{r['timings']['train_s']:.0f}"),
         ("evaluation prompts/s (engine start included)", lambda r: f"{r['prompts_per_second']:.1f}"),
         ("served req/s, direct ingress", lambda r: f"{r['served']['ingress']['rps']:.1f}"),
-        ("served p50 / p99 latency (ms), direct ingress",
-         lambda r: f"{r['served']['ingress']['p50_ms']:.0f} / {r['served']['ingress']['p99_ms']:.0f}"),
+        (
+            "served p50 / p99 latency (ms), direct ingress",
+            lambda r: f"{r['served']['ingress']['p50_ms']:.0f} / {r['served']['ingress']['p99_ms']:.0f}",
+        ),
         ("served req/s, through the Serve proxy", lambda r: f"{r['served']['ingress_via_proxy']['rps']:.1f}"),
-        ("served p50 / p99 latency (ms), proxy", lambda r: f"{r['served']['ingress_via_proxy']['p50_ms']:.0f} / "
-                                                        f"{r['served']['ingress_via_proxy']['p99_ms']:.0f}"),
+        (
+            "served p50 / p99 latency (ms), proxy",
+            lambda r: (
+                f"{r['served']['ingress_via_proxy']['p50_ms']:.0f} / {r['served']['ingress_via_proxy']['p99_ms']:.0f}"
+            ),
+        ),
         ("pipeline total (s)", lambda r: f"{r['timings']['total_s']:.0f}"),
     ]
     kinds = list(results)
@@ -77,22 +100,32 @@ def main(argv=None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict[str, Any]] = {}
     for kind in args.kinds.split(","):
-        cfg = load_config(str(SMOKE_CONFIG) if args.smoke else None,
-                          {**overrides, "model_kind": kind, "name": f"compare-{kind}-{stamp}"})
+        cfg = load_config(
+            str(SMOKE_CONFIG) if args.smoke else None,
+            {**overrides, "model_kind": kind, "name": f"compare-{kind}-{stamp}"},
+        )
         run_dir, summary = run_pipeline(cfg)
-        summary.update(model=cfg.model.model, run=str(run_dir),
-                       served=serve_and_measure(run_dir, args.concurrency, duration, 2.0 if args.smoke else 5.0))
+        summary.update(
+            model=cfg.model.model,
+            run=str(run_dir),
+            served=serve_and_measure(run_dir, args.concurrency, duration, 2.0 if args.smoke else 5.0),
+        )
         results[kind] = summary
         print(f"[compare] {kind}: {json.dumps(summary)}", flush=True)
     out = Path(args.out) if args.out else Path(cfg.run.runs_dir) / "compare.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    note = ("smoke settings (configs/smoke.yaml): a plumbing check, not a measurement" if args.smoke
-            else "each kind's defaults on the bundled CLINC150 10-domain data")
-    text = (f"# Generative vs encoder classifier ({time.strftime('%Y-%m-%d %H:%M')}, one run on this machine)\n\n"
-            f"{note}; served: serve_app/config.yaml's settings, one replica, `make serve`'s serving environment, "
-            f"bench.serve_compare's closed loop at {args.concurrency} concurrent for {duration:.0f} s (after a warm-up), "
-            f"the load client on the same machine.\n\n"
-            f"{table(results)}\n")
+    note = (
+        "smoke settings (configs/smoke.yaml): a plumbing check, not a measurement"
+        if args.smoke
+        else "each kind's defaults on the bundled CLINC150 10-domain data"
+    )
+    text = (
+        f"# Generative vs encoder classifier ({time.strftime('%Y-%m-%d %H:%M')}, one run on this machine)\n\n"
+        f"{note}; served: serve_app/config.yaml's settings, one replica, `make serve`'s serving environment, "
+        f"bench.serve_compare's closed loop at {args.concurrency} concurrent for {duration:.0f} s (after a warm-up), "
+        f"the load client on the same machine.\n\n"
+        f"{table(results)}\n"
+    )
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print(text)

@@ -5,6 +5,7 @@ what limits a server; the CPU milliseconds per answered request of each role can
 all roles together near every core, is the limit). Processes are grouped by the title Ray and vLLM give them; a
 process that started or ended within the window counts for the part it was seen in.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,9 @@ def snapshot() -> dict[int, tuple[str, float]]:
     return out
 
 
-def shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float,
-           requests: int) -> dict[str, dict[str, Optional[float]]]:
+def shares(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float, requests: int
+) -> dict[str, dict[str, Optional[float]]]:
     """Per role: CPU seconds in the window, cores busy on average, CPU ms per answered request; busiest first."""
     by_role: dict[str, float] = {}
     for pid, (name, cpu) in after.items():
@@ -65,9 +67,15 @@ def shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, flo
         by_role[name] = by_role.get(name, 0.0) + max(0.0, cpu - start)
     total = sum(by_role.values())
     rows = sorted(by_role.items(), key=lambda kv: -kv[1]) + [("all", total)]
-    return {name: {"cpu_s": round(s, 2), "cores": round(s / wall_s, 2) if wall_s > 0 else None,
-                   "ms_per_request": round(1000 * s / requests, 2) if requests else None}
-            for name, s in rows if s > 0.005 or name == "all"}
+    return {
+        name: {
+            "cpu_s": round(s, 2),
+            "cores": round(s / wall_s, 2) if wall_s > 0 else None,
+            "ms_per_request": round(1000 * s / requests, 2) if requests else None,
+        }
+        for name, s in rows
+        if s > 0.005 or name == "all"
+    }
 
 
 def table(by_role: dict[str, dict[str, Optional[float]]], cores: int = 0) -> str:

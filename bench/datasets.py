@@ -8,6 +8,7 @@ recall, abstain rate, ECE).
 Each kind runs on its own defaults (plus any `--key value` given, e.g. `--time-budget 45m`); runs land under the
 runs dir as `data-<dataset>-<kind>-<time>`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,11 @@ from ray_jobs.pipeline import run_pipeline
 from textclf.config import PROJECT_ROOT, config_overrides, load_config
 
 RESULTS = PROJECT_ROOT / "bench" / "results" / "datasets.md"
-HEADER = ("| date | data set | kind | model | labels | train rows | test rows | training (min) | plan estimate (min) | "
-          "macro-F1 | accuracy | in-scope accuracy | oos recall | abstain rate | ECE |\n"
-          "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+HEADER = (
+    "| date | data set | kind | model | labels | train rows | test rows | training (min) | plan estimate (min) | "
+    "macro-F1 | accuracy | in-scope accuracy | oos recall | abstain rate | ECE |\n"
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+)
 
 
 def row(dataset: str, cfg, run_dir: Path, summary: dict[str, Any]) -> str:
@@ -37,16 +40,20 @@ def row(dataset: str, cfg, run_dir: Path, summary: dict[str, Any]) -> str:
         return "" if v is None else f"{v:.4f}"
 
     rows = {name: sum(counts.values()) for name, counts in report["counts"].items()}
-    return (f"| {time.strftime('%Y-%m-%d')} | {dataset} | {cfg.model.model_kind} | `{cfg.model.model}` | "
-            f"{len(report['labels'])} | {rows['train']} | {rows['test']} | {summary['timings']['train_s'] / 60:.1f} | "
-            f"{'' if estimate is None else f'{estimate / 60:.1f}'} | {num('macro_f1')} | {num('accuracy')} | "
-            f"{num('in_scope_accuracy')} | {num('oos_recall')} | {num('abstain_rate')} | {num('ece')} |\n")
+    return (
+        f"| {time.strftime('%Y-%m-%d')} | {dataset} | {cfg.model.model_kind} | `{cfg.model.model}` | "
+        f"{len(report['labels'])} | {rows['train']} | {rows['test']} | {summary['timings']['train_s'] / 60:.1f} | "
+        f"{'' if estimate is None else f'{estimate / 60:.1f}'} | {num('macro_f1')} | {num('accuracy')} | "
+        f"{num('in_scope_accuracy')} | {num('oos_recall')} | {num('abstain_rate')} | {num('ece')} |\n"
+    )
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="encoder", help="model kinds, comma-separated")
-    ap.add_argument("--dataset", default=None, help="the data set's name in the table (default: the train file's folder)")
+    ap.add_argument(
+        "--dataset", default=None, help="the data set's name in the table (default: the train file's folder)"
+    )
     ap.add_argument("--out", default=str(RESULTS))
     args, rest = ap.parse_known_args(argv)
     setup_logging()
@@ -61,8 +68,10 @@ def main(argv=None) -> None:
         run_dir, summary = run_pipeline(cfg)
         line = row(dataset, cfg, run_dir, summary)
         if not out.exists():
-            out.write_text("# Data sets: each kind's defaults on a data set, one pipeline run per row "
-                           "(`make bench-data`)\n\n" + HEADER)
+            out.write_text(
+                "# Data sets: each kind's defaults on a data set, one pipeline run per row "
+                "(`make bench-data`)\n\n" + HEADER
+            )
         with out.open("a") as f:
             f.write(line)
         print(HEADER + line, flush=True)

@@ -16,6 +16,7 @@ process's on the machine, by role (bench.cpu_share): where the CPU per request w
 `--api openai` sends the same one-step classification to a vLLM OpenAI-compatible server (/v1/completions with the
 classifier's prompt, max_tokens 1 and the labels' first tokens in `logprob_token_ids`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,8 @@ class Target:
 
 def test_texts(limit: Optional[int] = None, seed: int = 0) -> list[str]:
     """The bundled test split's texts (the run configuration's test file), shuffled reproducibly."""
-    from textclf.config import load_config
+    from textclf.config import load_config, resolve_path
     from textclf.data import read_jsonl
-    from textclf.config import resolve_path
 
     cfg = load_config().data
     texts = [ex.text for ex in read_jsonl(resolve_path(cfg.test_file), cfg.text_field, cfg.label_field)]
@@ -62,8 +62,9 @@ def test_texts(limit: Optional[int] = None, seed: int = 0) -> list[str]:
 
 
 def textclf_target(base_url: str, texts: list[str], path: str = "/classify") -> Target:
-    return Target(base_url.rstrip("/") + path, [json.dumps({"text": t}).encode() for t in texts],
-                  lambda body: body.get("label"))
+    return Target(
+        base_url.rstrip("/") + path, [json.dumps({"text": t}).encode() for t in texts], lambda body: body.get("label")
+    )
 
 
 def openai_target(base_url: str, texts: list[str], classifier_dir: str, model_name: str) -> Target:
@@ -82,9 +83,21 @@ def openai_target(base_url: str, texts: list[str], classifier_dir: str, model_na
         raise SystemExit("--api openai needs labels whose first tokens differ (one-step scoring)")
     ids = list(plan.first_token_ids)
     by_token = {tok.convert_ids_to_tokens(i): label for i, label in zip(ids, plan.labels)}
-    bodies = [json.dumps({"model": model_name, "prompt": fmt.prompt(tok, t), "max_tokens": 1, "temperature": 0.0,
-                          "logprobs": len(ids), "logprob_token_ids": ids, "add_special_tokens": False,
-                          "seed": 0}).encode() for t in texts]
+    bodies = [
+        json.dumps(
+            {
+                "model": model_name,
+                "prompt": fmt.prompt(tok, t),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(ids),
+                "logprob_token_ids": ids,
+                "add_special_tokens": False,
+                "seed": 0,
+            }
+        ).encode()
+        for t in texts
+    ]
 
     def label_of(body: dict) -> Optional[str]:
         top = ((body.get("choices") or [{}])[0].get("logprobs") or {}).get("top_logprobs") or [{}]
@@ -177,17 +190,29 @@ async def _progress(rec: Record, t0: float, every: float, stop: asyncio.Event) -
         errs = sum(s != "200" for s in rec.status)
         p50 = np.percentile(recent, 50) * 1000 if recent else float("nan")
         p99 = np.percentile(recent, 99) * 1000 if recent else float("nan")
-        line = (f"[{time.perf_counter() - t0:6.1f}s] {n:7d} done  {len(recent) / every:7.1f} req/s  "
-                f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errs}")
+        line = (
+            f"[{time.perf_counter() - t0:6.1f}s] {n:7d} done  {len(recent) / every:7.1f} req/s  "
+            f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errs}"
+        )
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
         seen = n
     if tty:
         print(file=sys.stderr)
 
 
-async def run_load(target: Target, *, concurrency: int = 0, rate: float = 0.0, duration: float = 20.0,
-                   requests: int = 0, warmup: float = 0.0, timeout: float = 30.0, poisson: bool = False,
-                   progress: float = 1.0, seed: int = 0) -> tuple[Record, float, float]:
+async def run_load(
+    target: Target,
+    *,
+    concurrency: int = 0,
+    rate: float = 0.0,
+    duration: float = 20.0,
+    requests: int = 0,
+    warmup: float = 0.0,
+    timeout: float = 30.0,
+    poisson: bool = False,
+    progress: float = 1.0,
+    seed: int = 0,
+) -> tuple[Record, float, float]:
     """Run the load; returns (records, measured wall seconds, client CPU seconds during the measured phase)."""
     import itertools
 
@@ -196,8 +221,9 @@ async def run_load(target: Target, *, concurrency: int = 0, rate: float = 0.0, d
     conns = concurrency if concurrency else 0  # open loop: as many connections as requests in flight
     connector = aiohttp.TCPConnector(limit=conns, force_close=False, enable_cleanup_closed=False)
     rng = random.Random(seed)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
-                                     skip_auto_headers=("User-Agent",)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), skip_auto_headers=("User-Agent",)
+    ) as session:
         counter = itertools.count()
 
         async def phase(seconds: float, rec: Optional[Record], max_requests: int, t0: float):
@@ -246,7 +272,9 @@ def summarize(rec: Record, wall: float, cpu: float) -> dict[str, Any]:
         "errors_by_status": dict(Counter(s for s in rec.status if s != "200")),
         "wall_s": round(wall, 3),
         "rps": round(len(ok) / wall, 2) if wall > 0 else 0.0,
-        "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
         "max_ms": round(float(ok.max()), 2) if len(ok) else None,
         "mean_ms": round(float(ok.mean()), 2) if len(ok) else None,
         "labels": dict(rec.labels.most_common()),
@@ -304,8 +332,9 @@ def plot(rec: Record, series: dict[str, list], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def measure(target: Target, name: str = "loadtest", out_dir: Optional[Path] = None, plot_png: bool = True,
-            **load) -> dict[str, Any]:
+def measure(
+    target: Target, name: str = "loadtest", out_dir: Optional[Path] = None, plot_png: bool = True, **load
+) -> dict[str, Any]:
     """Run a load and return its summary (+ timeline); writes <out_dir>/<name>.json and .png when out_dir is set."""
     try:
         import uvloop
@@ -314,23 +343,40 @@ def measure(target: Target, name: str = "loadtest", out_dir: Optional[Path] = No
     except ImportError:
         runner = asyncio.run
     rec, wall, cpu = runner(run_load(target, **load))
-    result = {"name": name, "url": target.url,
-              "load": {k: v for k, v in load.items() if k != "progress"}, **summarize(rec, wall, cpu),
-              "timeline": timeline(rec)}
+    result = {
+        "name": name,
+        "url": target.url,
+        "load": {k: v for k, v in load.items() if k != "progress"},
+        **summarize(rec, wall, cpu),
+        "timeline": timeline(rec),
+    }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
         if plot_png and rec.latency:
-            mode = f"{load.get('concurrency')} concurrent" if load.get("concurrency") else f"{load.get('rate')} req/s offered"
-            plot(rec, result["timeline"], f"{name}: {target.url}, {mode}: {result['rps']} req/s, "
-                                          f"p99 {result['p99_ms']} ms", out_dir / f"{name}.png")
+            mode = (
+                f"{load.get('concurrency')} concurrent"
+                if load.get("concurrency")
+                else f"{load.get('rate')} req/s offered"
+            )
+            plot(
+                rec,
+                result["timeline"],
+                f"{name}: {target.url}, {mode}: {result['rps']} req/s, p99 {result['p99_ms']} ms",
+                out_dir / f"{name}.png",
+            )
     return result
 
 
 def print_summary(r: dict[str, Any]) -> None:
     print(f"{r['url']}: {r['requests']} requests in {r['wall_s']} s")
-    print(f"  req/s {r['rps']}   p50 {r['p50_ms']} ms   p90 {r['p90_ms']} ms   p99 {r['p99_ms']} ms   max {r['max_ms']} ms")
-    print(f"  errors {r['errors']} {r['errors_by_status'] or ''}   client CPU {r['client_cpu_pct_of_core']} % of a core")
+    print(
+        f"  req/s {r['rps']}   p50 {r['p50_ms']} ms   p90 {r['p90_ms']} ms   p99 {r['p99_ms']} ms   "
+        f"max {r['max_ms']} ms"
+    )
+    print(
+        f"  errors {r['errors']} {r['errors_by_status'] or ''}   client CPU {r['client_cpu_pct_of_core']} % of a core"
+    )
     print("  labels: " + ", ".join(f"{k} {v}" for k, v in r["labels"].items()))
     if r.get("cpu_by_process"):
         print("  CPU by process over the measured phase (every process on this machine):")
@@ -363,9 +409,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     else:
         target = textclf_target(args.url, texts)
     concurrency = 0 if args.rate else (args.concurrency or 32)
-    r = measure(target, args.name, Path(args.out), concurrency=concurrency, rate=args.rate or 0.0,
-                duration=args.duration, requests=args.requests, warmup=args.warmup, timeout=args.timeout,
-                poisson=args.poisson, progress=args.progress)
+    r = measure(
+        target,
+        args.name,
+        Path(args.out),
+        concurrency=concurrency,
+        rate=args.rate or 0.0,
+        duration=args.duration,
+        requests=args.requests,
+        warmup=args.warmup,
+        timeout=args.timeout,
+        poisson=args.poisson,
+        progress=args.progress,
+    )
     print_summary(r)
     print(f"  wrote {Path(args.out) / args.name}.json and .png")
     if r["ok"] == 0:

@@ -5,6 +5,7 @@ and parses a label out of the text. Same prompt as textclf (the classifier folde
     NAIVE_UPSTREAM=http://127.0.0.1:8101/v1 NAIVE_MODEL=clf NAIVE_CLASSIFIER_DIR=<folder> \
         uvicorn bench.naive_wrapper:app --host 127.0.0.1 --port 8102
 """
+
 from __future__ import annotations
 
 import os
@@ -42,6 +43,11 @@ def parse(output: str) -> str | None:
 @app.post("/classify")
 def classify(req: Req) -> dict:
     t0 = time.perf_counter()
-    resp = CLIENT.completions.create(model=MODEL, prompt=FMT.prompt(TOKENIZER, req.text), max_tokens=5,
-                                     temperature=0.0, extra_body={"add_special_tokens": False})
+    resp = CLIENT.completions.create(
+        model=MODEL,
+        prompt=FMT.prompt(TOKENIZER, req.text),
+        max_tokens=5,
+        temperature=0.0,
+        extra_body={"add_special_tokens": False},
+    )
     return {"label": parse(resp.choices[0].text), "latency_ms": (time.perf_counter() - t0) * 1000}

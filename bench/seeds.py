@@ -7,6 +7,7 @@ Each seed is a full run (prepare, Ray Train, export, Ray Data + vLLM evaluation)
 given overrides. Writes <runs-dir>/seeds-<kind>.md and .json and prints the table: per seed macro-F1, accuracy and
 training time, then the mean, min and max.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,18 +32,37 @@ def main(argv=None) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        cfg = load_config(args.config, {**overrides, "model_kind": args.kind, "seed": str(seed),
-                                 "name": f"seeds-{args.kind}-{stamp}-s{seed}"})
+        cfg = load_config(
+            args.config,
+            {**overrides, "model_kind": args.kind, "seed": str(seed), "name": f"seeds-{args.kind}-{stamp}-s{seed}"},
+        )
         run_dir, summary = run_pipeline(cfg)
-        rows.append({"seed": seed, "run": str(run_dir), "macro_f1": summary["macro_f1"],
-                     "accuracy": summary["accuracy"], "train_s": summary["timings"]["train_s"]})
+        rows.append(
+            {
+                "seed": seed,
+                "run": str(run_dir),
+                "macro_f1": summary["macro_f1"],
+                "accuracy": summary["accuracy"],
+                "train_s": summary["timings"]["train_s"],
+            }
+        )
         print(f"[seeds] {json.dumps(rows[-1])}", flush=True)
     f1 = [r["macro_f1"] for r in rows]
-    setting = (f"{cfg.model.model}, the kind's defaults" + (f" from {args.config}" if args.config else "")
-               + (f" with {overrides}" if overrides else "") + f"; learning rate {cfg.train.learning_rate:g}, "
-               f"{cfg.train.num_epochs:g} epochs (max_steps {cfg.train.max_steps}); test rows {summary['n']}.")
-    lines = [f"# {args.kind}: test macro-F1 by training seed ({time.strftime('%Y-%m-%d %H:%M')}, this machine)", "",
-             setting, "", "| seed | macro-F1 | accuracy | training (s) |", "|---:|---:|---:|---:|"]
+    setting = (
+        f"{cfg.model.model}, the kind's defaults"
+        + (f" from {args.config}" if args.config else "")
+        + (f" with {overrides}" if overrides else "")
+        + f"; learning rate {cfg.train.learning_rate:g}, "
+        f"{cfg.train.num_epochs:g} epochs (max_steps {cfg.train.max_steps}); test rows {summary['n']}."
+    )
+    lines = [
+        f"# {args.kind}: test macro-F1 by training seed ({time.strftime('%Y-%m-%d %H:%M')}, this machine)",
+        "",
+        setting,
+        "",
+        "| seed | macro-F1 | accuracy | training (s) |",
+        "|---:|---:|---:|---:|",
+    ]
     lines += [f"| {r['seed']} | {r['macro_f1']:.4f} | {r['accuracy']:.4f} | {r['train_s']:.0f} |" for r in rows]
     lines += ["", f"mean {statistics.mean(f1):.4f}, min {min(f1):.4f}, max {max(f1):.4f} over {len(f1)} seeds"]
     out = Path(cfg.run.runs_dir) / f"seeds-{args.kind}.md"

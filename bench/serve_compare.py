@@ -19,6 +19,7 @@ model, the same requests (the bundled test split) and the same load generator (b
 The servers run one after the other, never together (2 cores). Prints a table; writes
 bench/results/serve-<model>.json (summaries) and bench/results/serve-<model>/<server>.json|png (timelines).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,14 @@ class Proc:
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_dir: Path):
         self.name, self.log = name, log_dir / f"{name}.log"
-        self.p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=open(self.log, "w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        self.p = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=open(self.log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_http(self, url: str, timeout: float = 240.0) -> None:
         import httpx
@@ -102,8 +109,9 @@ class Proc:
         t_end = time.time() + timeout
         while time.time() < t_end:
             if self.p.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.p.returncode}); log {self.log}:\n"
-                                   + self.log.read_text()[-3000:])
+                raise RuntimeError(
+                    f"{self.name} exited ({self.p.returncode}); log {self.log}:\n" + self.log.read_text()[-3000:]
+                )
             try:
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
@@ -141,8 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=5.0, help="unrecorded seconds of load before each")
     ap.add_argument("--only", default=",".join(SERVERS), help="comma-separated subset of the servers")
     ap.add_argument("--tag", default="", help="suffix of the result names (repeated runs)")
-    ap.add_argument("--serve-arg", action="append", default=[], metavar="KEY=JSON",
-                    help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'")
+    ap.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'",
+    )
     ap.add_argument("--deployment", default="{}", help="JSON overrides of the deployment options")
     return ap.parse_args(argv)
 
@@ -158,26 +171,34 @@ class Bench:
         self.out_dir = self.path.with_suffix("")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
-        self.deployment = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
-                           **json.loads(a.deployment)}
+        self.deployment = {
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+            **json.loads(a.deployment),
+        }
         self.texts = test_texts()
         self.results: dict[str, Any] = {}
         self.cores = engine_cores(self.args)
         self.serve_cfg, self.plan = engine_plan(self.folder, self.args)
         self.encoder = self.plan.runner == "pooling"
         if self.encoder and "naive_wrapper" in self.only:
-            print("--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none",
-                  flush=True)
+            print(
+                "--- naive_wrapper: skipped, it wraps the completions API and an encoder classifier has none",
+                flush=True,
+            )
             self.only.discard("naive_wrapper")
 
     def run(self, name: str, target) -> None:
         print(f"--- {name}: {target.url}", flush=True)
-        r = measure(target, name, self.out_dir, concurrency=self.a.concurrency, duration=self.a.duration,
-                    warmup=self.a.warmup)
+        r = measure(
+            target, name, self.out_dir, concurrency=self.a.concurrency, duration=self.a.duration, warmup=self.a.warmup
+        )
         r.pop("timeline", None)
         self.results[name] = r
-        print(f"    {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}, "
-              f"client CPU {r['client_cpu_pct_of_core']} % of a core", flush=True)
+        print(
+            f"    {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, errors {r['errors']}, "
+            f"client CPU {r['client_cpu_pct_of_core']} % of a core",
+            flush=True,
+        )
 
     def vllm_side(self) -> None:
         """vLLM's own server, and the naive wrapper in front of it."""
@@ -186,16 +207,34 @@ class Bench:
         if not self.only & {"vllm_server", "naive_wrapper"}:
             return
         port = free_port()
-        vllm = Proc("vllm_server", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                                    "--port", str(port), "--served-model-name", SERVED_NAME,
-                                    "--disable-uvicorn-access-log", *engine_cli(self.serve_cfg, self.plan)],
-                    {"VLLM_CPU_OMP_THREADS_BIND": self.cores}, self.out_dir)
+        vllm = Proc(
+            "vllm_server",
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--served-model-name",
+                SERVED_NAME,
+                "--disable-uvicorn-access-log",
+                *engine_cli(self.serve_cfg, self.plan),
+            ],
+            {"VLLM_CPU_OMP_THREADS_BIND": self.cores},
+            self.out_dir,
+        )
         try:
             vllm.wait_http(f"http://127.0.0.1:{port}/health")
             url = f"http://127.0.0.1:{port}"
             if "vllm_server" in self.only:
-                self.run("vllm_server", vllm_classify_target(url, self.texts, SERVED_NAME) if self.encoder else
-                         openai_target(url, self.texts, self.folder, SERVED_NAME))
+                self.run(
+                    "vllm_server",
+                    vllm_classify_target(url, self.texts, SERVED_NAME)
+                    if self.encoder
+                    else openai_target(url, self.texts, self.folder, SERVED_NAME),
+                )
             if "naive_wrapper" in self.only:
                 self.naive_wrapper(port)
         finally:
@@ -206,10 +245,28 @@ class Bench:
         from serve_app.local import free_port
 
         wport = free_port()
-        naive = Proc("naive_wrapper", [sys.executable, "-m", "uvicorn", "bench.naive_wrapper:app", "--host",
-                                       "127.0.0.1", "--port", str(wport), "--log-level", "warning"],
-                     {"NAIVE_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1", "NAIVE_MODEL": SERVED_NAME,
-                      "NAIVE_CLASSIFIER_DIR": self.folder, "PYTHONPATH": str(ROOT)}, self.out_dir)
+        naive = Proc(
+            "naive_wrapper",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.naive_wrapper:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(wport),
+                "--log-level",
+                "warning",
+            ],
+            {
+                "NAIVE_UPSTREAM": f"http://127.0.0.1:{upstream_port}/v1",
+                "NAIVE_MODEL": SERVED_NAME,
+                "NAIVE_CLASSIFIER_DIR": self.folder,
+                "PYTHONPATH": str(ROOT),
+            },
+            self.out_dir,
+        )
         try:
             naive.wait_http(f"http://127.0.0.1:{wport}/docs", timeout=60)
             self.run("naive_wrapper", textclf_target(f"http://127.0.0.1:{wport}", self.texts))
@@ -227,8 +284,11 @@ class Bench:
             from serve_app.app import app_from_config  # imports ray.serve, which reads the environment just set
 
             t0 = time.time()
-            cluster.run(app_from_config(deployment_overrides=self.deployment,
-                                        **{**self.args, "model_dir": self.folder, "run": None}))
+            cluster.run(
+                app_from_config(
+                    deployment_overrides=self.deployment, **{**self.args, "model_dir": self.folder, "run": None}
+                )
+            )
             print(f"    Serve app up in {time.time() - t0:.0f} s", flush=True)
             urls = ingress_urls() or [cluster.proxy_url]
             if "ingress" in self.only:
@@ -238,14 +298,25 @@ class Bench:
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         a, results = self.a, self.results
-        out = {"model": a.model, "classifier_dir": self.folder, "concurrency": a.concurrency, "duration_s": a.duration,
-               "warmup_s": a.warmup, "engine_cores": self.cores, "serve_args": self.args,
-               "deployment": self.deployment, "wall_s": round(wall_s, 1), **results}
+        out = {
+            "model": a.model,
+            "classifier_dir": self.folder,
+            "concurrency": a.concurrency,
+            "duration_s": a.duration,
+            "warmup_s": a.warmup,
+            "engine_cores": self.cores,
+            "serve_args": self.args,
+            "deployment": self.deployment,
+            "wall_s": round(wall_s, 1),
+            **results,
+        }
         if "ingress" in results:
             c = results["ingress"]["rps"]
-            out["ratios"] = {k: round(c / results[v]["rps"], 2)
-                             for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
-                             if results.get(v, {}).get("rps")}
+            out["ratios"] = {
+                k: round(c / results[v]["rps"], 2)
+                for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
+                if results.get(v, {}).get("rps")
+            }
         return out
 
 

@@ -12,6 +12,7 @@ Token auth (Ray's default): `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH` when set, 
 exists, else a token made once in the state dir. Every node and CLI call gets it through `RAY_AUTH_TOKEN_PATH`
 (or the `RAY_AUTH_TOKEN` given); `down` never deletes a token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -106,13 +107,36 @@ def node_env(state: dict[str, Any]) -> dict[str, str]:
 def node_args(temp_dir: Path, memory_gib: float, object_store_gib: float) -> list[str]:
     lo, hi = free_range()
     return [
-        "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
-        "--temp-dir", str(temp_dir), "--num-cpus", "1", "--num-gpus", "0",
-        "--memory", str(int(memory_gib * GiB)), "--object-store-memory", str(int(object_store_gib * GiB)),
-        "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-        "--min-worker-port", str(lo), "--max-worker-port", str(hi),
-        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-        "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--memory",
+        str(int(memory_gib * GiB)),
+        "--object-store-memory",
+        str(int(object_store_gib * GiB)),
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+        "--min-worker-port",
+        str(lo),
+        "--max-worker-port",
+        str(hi),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
     ]
 
 
@@ -161,9 +185,16 @@ def _wait_for_nodes(state: dict[str, Any], n: int, timeout: float) -> None:
     while time.time() < deadline:
         for node in state["nodes"]:
             if not _alive(node["pid"]):
-                raise RuntimeError(f"node {node['name']} exited; see {node['log']}:\n{Path(node['log']).read_text()[-3000:]}")
-        proc = subprocess.run([ray_bin(), "status", "--address", state["gcs_address"]], env=env,
-                              capture_output=True, text=True, timeout=60)
+                raise RuntimeError(
+                    f"node {node['name']} exited; see {node['log']}:\n{Path(node['log']).read_text()[-3000:]}"
+                )
+        proc = subprocess.run(
+            [ray_bin(), "status", "--address", state["gcs_address"]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         out = proc.stdout + proc.stderr
         if proc.returncode == 0 and _active_nodes(out) >= n:
             return
@@ -175,19 +206,24 @@ def _active_nodes(status_text: str) -> int:
     """Lines under 'Active:' in `ray status` output, one per node."""
     lines = status_text.splitlines()
     try:
-        i = next(k for k, l in enumerate(lines) if l.strip() == "Active:")
+        i = next(k for k, line in enumerate(lines) if line.strip() == "Active:")
     except StopIteration:
         return 0
     n = 0
-    for l in lines[i + 1:]:
-        if not l.strip().startswith("1 node_"):
+    for line in lines[i + 1 :]:
+        if not line.strip().startswith("1 node_"):
             break
         n += 1
     return n
 
 
-def up(state_dir: Path = DEFAULT_STATE_DIR, workers: int = 1, memory_gib: float = 4.0,
-       object_store_gib: float = 0.5, timeout: float = 120.0) -> dict[str, Any]:
+def up(
+    state_dir: Path = DEFAULT_STATE_DIR,
+    workers: int = 1,
+    memory_gib: float = 4.0,
+    object_store_gib: float = 0.5,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
     state_dir = Path(state_dir)
     if (state_dir / STATE_FILE).exists():
         state = load_state(state_dir)
@@ -197,9 +233,14 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, workers: int = 1, memory_gib: float 
     # Short: Ray puts unix sockets under the temp dir, and socket paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="tcl-", dir="/tmp"))
     gcs_port, dash_port = free_port(), free_port()
-    state: dict[str, Any] = {"root": str(root), "gcs_address": f"127.0.0.1:{gcs_port}",
-                             "dashboard": f"http://127.0.0.1:{dash_port}", "nodes": [], "pids": [],
-                             "auth": auth_token(state_dir)}
+    state: dict[str, Any] = {
+        "root": str(root),
+        "gcs_address": f"127.0.0.1:{gcs_port}",
+        "dashboard": f"http://127.0.0.1:{dash_port}",
+        "nodes": [],
+        "pids": [],
+        "auth": auth_token(state_dir),
+    }
     env = node_env(state)
 
     def start(name: str, extra: list[str]) -> None:
@@ -208,14 +249,27 @@ def up(state_dir: Path = DEFAULT_STATE_DIR, workers: int = 1, memory_gib: float 
         log = state_dir / f"{name}.log"
         cmd = [ray_bin(), "start", *extra, *node_args(temp, memory_gib, object_store_gib)]
         with open(log, "w") as f:
-            p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+            p = subprocess.Popen(
+                cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         state["nodes"].append({"name": name, "pid": p.pid, "temp_dir": str(temp), "log": str(log)})
         (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))  # recorded at once, so `down` finds it
 
     try:
-        start("head", ["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
-                       "--dashboard-port", str(dash_port), "--ray-client-server-port", str(free_port())])
+        start(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(gcs_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dash_port),
+                "--ray-client-server-port",
+                str(free_port()),
+            ],
+        )
         _wait_for_nodes(state, 1, timeout)
         for i in range(1, workers + 1):
             start(f"worker{i}", ["--address", state["gcs_address"]])
@@ -282,20 +336,27 @@ def _signal(pid: int, sig: int) -> None:
 
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> str:
     state = load_state(state_dir)
-    proc = subprocess.run([ray_bin(), "status", "--address", state["gcs_address"]], env=cli_env(state),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [ray_bin(), "status", "--address", state["gcs_address"]],
+        env=cli_env(state),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return proc.stdout + proc.stderr
 
 
 def describe(state: dict[str, Any]) -> str:
     auth = state.get("auth") or {}
     token = f" RAY_AUTH_TOKEN_PATH={auth['path']}" if auth.get("path") else ""
-    return (f"local Ray cluster: {len(state['nodes'])} nodes ({', '.join(n['name'] for n in state['nodes'])}), "
-            f"temp dir {state['root']}\n"
-            f"auth token: {auth.get('path') or 'from RAY_AUTH_TOKEN'} ({auth.get('source', '?')})\n"
-            f"export RAY_ADDRESS={state['dashboard']} RAY_AUTH_MODE=token{token}   # for ray job submit\n"
-            f"GCS address (ray status --address): {state['gcs_address']}\n"
-            f"dashboard: {state['dashboard']}")
+    return (
+        f"local Ray cluster: {len(state['nodes'])} nodes ({', '.join(n['name'] for n in state['nodes'])}), "
+        f"temp dir {state['root']}\n"
+        f"auth token: {auth.get('path') or 'from RAY_AUTH_TOKEN'} ({auth.get('source', '?')})\n"
+        f"export RAY_ADDRESS={state['dashboard']} RAY_AUTH_MODE=token{token}   # for ray job submit\n"
+        f"GCS address (ray status --address): {state['gcs_address']}\n"
+        f"dashboard: {state['dashboard']}"
+    )
 
 
 def main(argv=None) -> None:
@@ -303,7 +364,9 @@ def main(argv=None) -> None:
     ap.add_argument("command", choices=["up", "down", "status"])
     ap.add_argument("--state-dir", default=os.environ.get("TEXTCLF_CLUSTER_DIR", str(DEFAULT_STATE_DIR)))
     ap.add_argument("--workers", type=int, default=1, help="worker nodes besides the head")
-    ap.add_argument("--memory-gib", type=float, default=4.0, help="per node: on one machine each node counts all memory")
+    ap.add_argument(
+        "--memory-gib", type=float, default=4.0, help="per node: on one machine each node counts all memory"
+    )
     ap.add_argument("--object-store-gib", type=float, default=0.5, help="per node")
     a = ap.parse_args(argv)
     if a.command == "up":

@@ -6,6 +6,7 @@
 
 One source for the Serve app's settings: the manifest's copy is generated, never edited.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,11 @@ def merge(base: Any, over: Any) -> Any:
         for k, v in over.items():
             out[k] = merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
-    if isinstance(base, list) and isinstance(over, list) and all(isinstance(x, dict) and "name" in x for x in base + over):
+    if (
+        isinstance(base, list)
+        and isinstance(over, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + over)
+    ):
         out = [copy.deepcopy(x) for x in base]
         names = [x["name"] for x in out]
         for item in over:
@@ -54,11 +59,11 @@ def render_text() -> str:
 def splice(manifest: str, body: str) -> str:
     """Replace the block scalar under `serveConfigV2: |` (its lines indented deeper than the key) with body."""
     lines = manifest.splitlines(keepends=True)
-    start = next(i for i, l in enumerate(lines) if l.rstrip("\n") == KEY)
+    start = next(i for i, line in enumerate(lines) if line.rstrip("\n") == KEY)
     end = start + 1
     while end < len(lines) and (lines[end].startswith(INDENT) or not lines[end].strip()):
         end += 1
-    block = [INDENT + l if l.strip() else "\n" for l in body.splitlines(keepends=True)]
+    block = [INDENT + line if line.strip() else "\n" for line in body.splitlines(keepends=True)]
     return "".join(lines[: start + 1] + block + lines[end:])
 
 
@@ -74,8 +79,11 @@ def main(argv=None) -> int:
     wanted = splice(current, render_text())
     if a.check:
         if current != wanted:
-            print(f"{RAYSERVICE.relative_to(ROOT)}: serveConfigV2 differs from serve_app/config.yaml + overrides; "
-                  "run python -m cluster.render", file=sys.stderr)
+            print(
+                f"{RAYSERVICE.relative_to(ROOT)}: serveConfigV2 differs from serve_app/config.yaml + overrides; "
+                "run python -m cluster.render",
+                file=sys.stderr,
+            )
             return 1
         print("serveConfigV2 is up to date")
         return 0

@@ -9,6 +9,7 @@ and an autoscaling GPU group.
 KubeRay's CRDs are not vendored here (they are ~1 MB each and outside this repository); pass them when you have
 them (`kuberay/ray-operator/config/crd/bases`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,24 @@ DOCKERFILE = ROOT / "cluster" / "Dockerfile"
 APP_ROOT = "/app/"  # where cluster/Dockerfile puts the project
 GPU_KEY = "nvidia.com/gpu"
 IMAGE_RE = re.compile(r"^[a-z0-9.\-/:]+/textclf:[\w.\-]+-gpu$")
-RUNTIME_ENV_KEYS = {"env_vars", "pip", "uv", "conda", "working_dir", "py_modules", "excludes", "container", "config",
-                    "image_uri", "py_executable"}
-CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+RUNTIME_ENV_KEYS = {
+    "env_vars",
+    "pip",
+    "uv",
+    "conda",
+    "working_dir",
+    "py_modules",
+    "excludes",
+    "container",
+    "config",
+    "image_uri",
+    "py_executable",
+}
+CRD_FILES = {
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+}
 
 
 def ray_version() -> str:
@@ -82,7 +98,9 @@ def check_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
         for c in _containers(group):
             image = c.get("image", "")
             if not IMAGE_RE.match(image):
-                errors.append(f"{where} {name}: image {image!r} is not the project's GPU image (<registry>/textclf:<tag>-gpu)")
+                errors.append(
+                    f"{where} {name}: image {image!r} is not the project's GPU image (<registry>/textclf:<tag>-gpu)"
+                )
             res = c.get("resources") or {}
             keys = {k for part in ("requests", "limits") for k in (res.get(part) or {})}
             wrong = {k for k in keys if "gpu" in k.lower() and k != GPU_KEY}
@@ -116,15 +134,22 @@ def check_token_auth(spec: dict[str, Any], where: str) -> list[str]:
     states = [(name, *_token_auth_env(c)) for name, g in groups for c in _containers(g)]
     if not any(on for _, on, _ in states):
         return []
-    return [f"{where} {name}: token auth is on (RAY_AUTH_MODE=token) but the node gets no token: set authOptions.mode "
-            f"token (KubeRay makes one) or RAY_AUTH_TOKEN from a Secret" for name, _, has in states if not has]
+    return [
+        f"{where} {name}: token auth is on (RAY_AUTH_MODE=token) but the node gets no token: set authOptions.mode "
+        f"token (KubeRay makes one) or RAY_AUTH_TOKEN from a Secret"
+        for name, _, has in states
+        if not has
+    ]
 
 
 def check_runtime_env(text: str, where: str) -> list[str]:
     env = yaml.safe_load(text or "") or {}
     errors = []
     if not isinstance(env, dict) or set(env) - RUNTIME_ENV_KEYS:
-        return [f"{where}: runtimeEnvYAML keys {sorted(set(env) - RUNTIME_ENV_KEYS) if isinstance(env, dict) else env!r} are not runtime_env fields"]
+        return [
+            f"{where}: runtimeEnvYAML keys "
+            f"{sorted(set(env) - RUNTIME_ENV_KEYS) if isinstance(env, dict) else env!r} are not runtime_env fields"
+        ]
     for k, v in (env.get("env_vars") or {}).items():
         if not isinstance(v, str):
             errors.append(f"{where}: env var {k} must be a string, not {v!r}")
@@ -150,7 +175,9 @@ def check_rayservice(doc: dict[str, Any], where: str = "RayService") -> list[str
     errors = []
     serve = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
     if serve != render.serve_config():
-        errors.append(f"{where}: serveConfigV2 is not the rendering of serve_app/config.yaml (python -m cluster.render)")
+        errors.append(
+            f"{where}: serveConfigV2 is not the rendering of serve_app/config.yaml (python -m cluster.render)"
+        )
     app_src = (ROOT / "serve_app" / "app.py").read_text()
     deployment = re.search(r'^DEPLOYMENT = "(\w+)"', app_src, re.M).group(1)
     for app in serve.get("applications") or []:
@@ -177,8 +204,11 @@ def check_launcher(doc: dict[str, Any], where: str = "launcher") -> list[str]:
     head = doc.get("head_node_type")
     if head not in types:
         errors.append(f"{where}: head_node_type {head!r} is not among available_node_types")
-    gpu_types = {n: t for n, t in types.items()
-                 if n != head and re.match(r"^(g|p)\d", str((t.get("node_config") or {}).get("InstanceType", "")))}
+    gpu_types = {
+        n: t
+        for n, t in types.items()
+        if n != head and re.match(r"^(g|p)\d", str((t.get("node_config") or {}).get("InstanceType", "")))
+    }
     if not gpu_types:
         errors.append(f"{where}: no GPU worker node type (g*/p* instances)")
     if head in types and re.match(r"^(g|p)\d", str((types[head].get("node_config") or {}).get("InstanceType", ""))):
@@ -194,8 +224,10 @@ def check_launcher(doc: dict[str, Any], where: str = "launcher") -> list[str]:
     starts = " ".join((doc.get("head_start_ray_commands") or []) + (doc.get("worker_start_ray_commands") or []))
     mounted = any(str(k).endswith("/.ray/auth_token") for k in (doc.get("file_mounts") or {}))
     if "RAY_AUTH_MODE=token" in starts and not mounted and "RAY_AUTH_TOKEN" not in starts:
-        errors.append(f"{where}: token auth is on but no node gets a token: file_mounts must copy ~/.ray/auth_token "
-                      f"(made by `ray get-auth-token --generate`) to every node")
+        errors.append(
+            f"{where}: token auth is on but no node gets a token: file_mounts must copy ~/.ray/auth_token "
+            f"(made by `ray get-auth-token --generate`) to every node"
+        )
     return errors
 
 
@@ -212,12 +244,17 @@ def check_crd(doc: dict[str, Any], crd_dir: Path, where: str) -> list[str]:
     crd = yaml.safe_load((crd_dir / CRD_FILES[doc["kind"]]).read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == doc["apiVersion"].split("/")[1])
     validator = jsonschema.Draft7Validator(version["schema"]["openAPIV3Schema"])
-    return [f"{where}: CRD schema: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    return [
+        f"{where}: CRD schema: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)
+    ]
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    return {str(p.relative_to(ROOT)): yaml.safe_load(p.read_text())
-            for p in sorted(KUBERAY.glob("*.yaml")) if p.name != render.OVERRIDES.name}
+    return {
+        str(p.relative_to(ROOT)): yaml.safe_load(p.read_text())
+        for p in sorted(KUBERAY.glob("*.yaml"))
+        if p.name != render.OVERRIDES.name
+    }
 
 
 def validate_all(crd_dir: Path | None = None) -> list[str]:

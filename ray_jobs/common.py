@@ -1,4 +1,5 @@
 """What every step shares: Ray start-up, the run folder, logging."""
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,11 @@ def start_run(cfg: Config, splits: Splits, trains: bool = False) -> Path:
     old = runs.recorded(run_dir)
     how = runs.check(old, new, cfg.run.on_existing, cfg.run.name)
     if how == "resume":
-        log.warning("run %s resumed on another setup (on_existing=resume): %s", cfg.run.name,
-                    "; ".join(f"{k}: {', '.join(v)}" for k, v in runs.differences(old, new).items() if v))
+        log.warning(
+            "run %s resumed on another setup (on_existing=resume): %s",
+            cfg.run.name,
+            "; ".join(f"{k}: {', '.join(v)}" for k, v in runs.differences(old, new).items() if v),
+        )
     if trains or how == "resume":  # outputs of another setup describe neither run
         gone = _remove(cfg, runs.OUTPUTS)
         if gone:

@@ -9,6 +9,7 @@ Log records go to the file (INFO and up, any logger) and to the console when the
 anyone's errors. With --verbose the console shows everything, as before. Stdlib only: every Ray worker imports it
 (quiet_ray_workers, the runtime env's setup hook).
 """
+
 from __future__ import annotations
 
 import atexit

@@ -11,6 +11,7 @@ is chosen on the validation predictions (textclf.abstain) and saved into the cla
 <run>/adapter, where the server takes it as its default. --abstain-target: auto, none, oos_recall:<share> or
 precision:<share> (see textclf/abstain.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ log = logging.getLogger("ray_jobs.evaluate")
 def classifier_source(cfg: Config, run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
     """(model dir, classifier meta, adapter dir or None): the run's, or the registered model of --model-uri."""
     if cfg.eval.model_uri:
-        folder = tracking.resolve_model_uri(cfg.eval.model_uri,
-                                            tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir))
+        folder = tracking.resolve_model_uri(
+            cfg.eval.model_uri, tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir)
+        )
         meta = read_meta(folder)
         if meta["kind"] != "adapter":
             return str(folder), meta, None
@@ -62,13 +64,23 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     init_ray(cfg)
     e = cfg.eval
     # Both splits in one pass (one engine start); each row carries its split and index to be put back in order.
-    ds = ray.data.from_items([{"text": ex.text, "label": ex.label, "split": name, "row": i}
-                              for name, examples in splits.items() for i, ex in enumerate(examples)])
+    ds = ray.data.from_items(
+        [
+            {"text": ex.text, "label": ex.label, "split": name, "row": i}
+            for name, examples in splits.items()
+            for i, ex in enumerate(examples)
+        ]
+    )
     start = time.time()
     rows = ds.map_batches(
         BatchClassifier,
-        fn_constructor_kwargs={"model_dir": model_dir, "meta": meta, "engine": e.engine_settings(),
-                               "adapter_dir": adapter, "cpu_threads_bind": e.cpu_threads_bind},
+        fn_constructor_kwargs={
+            "model_dir": model_dir,
+            "meta": meta,
+            "engine": e.engine_settings(),
+            "adapter_dir": adapter,
+            "cpu_threads_bind": e.cpu_threads_bind,
+        },
         batch_size=e.eval_batch_size,
         concurrency=1,
         num_cpus=e.eval_num_cpus,
@@ -76,42 +88,80 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     ).take_all()
     elapsed = time.time() - start
     by_row = {(str(r["split"]), int(r["row"])): r for r in rows}
-    val, test = (split_columns(splits[name], [by_row[(name, i)] for i in range(len(splits[name]))])
-                 for name in ("validation", "test"))
+    val, test = (
+        split_columns(splits[name], [by_row[(name, i)] for i in range(len(splits[name]))])
+        for name in ("validation", "test")
+    )
     choice = choose_threshold(val["gold"], val["predicted"], val["probability"], target, oos)
     threshold = choice["threshold"]
     level = logging.WARNING if threshold is None and target.kind != "none" else logging.INFO
-    log.log(level, "abstain threshold %s (target %s, oos label %s)%s", threshold, choice["target"], oos,
-            f": {choice['note']}" if choice["note"] else "")
+    log.log(
+        level,
+        "abstain threshold %s (target %s, oos label %s)%s",
+        threshold,
+        choice["target"],
+        oos,
+        f": {choice['note']}" if choice["note"] else "",
+    )
     predictions = []
     for i, ex in enumerate(splits["test"]):
         r = by_row[("test", i)]
-        predictions.append({"text": ex.text, "gold": ex.label, "predicted": test["predicted"][i],
-                            "probability": round(test["probability"][i], 6), "truncated": bool(r["truncated"]),
-                            "abstained": abstained(test["probability"][i], threshold)})
+        predictions.append(
+            {
+                "text": ex.text,
+                "gold": ex.label,
+                "predicted": test["predicted"][i],
+                "probability": round(test["probability"][i], 6),
+                "truncated": bool(r["truncated"]),
+                "abstained": abstained(test["probability"][i], threshold),
+            }
+        )
     metrics = compute_metrics(test["gold"], test["predicted"], meta["labels"])
     cal = calibration(test["gold"], test["predicted"], test["probability"])
     figures = abstain_figures(test["gold"], test["predicted"], test["probability"], threshold, oos)
     n_prompts = sum(len(x) for x in splits.values())
-    extra = {"model": model_dir, "adapter": adapter, "eval_seconds": round(elapsed, 1),
-             "prompts_per_second": round(n_prompts / elapsed, 2), "n_validation": len(splits["validation"]),
-             "truncated": sum(p["truncated"] for p in predictions),
-             "ece": cal["ece"], "calibration": cal["bins"], "abstain": choice,
-             "in_scope_accuracy": figures["in_scope_accuracy"],
-             **({"oos_recall": figures["oos_recall"]} if oos is not None else {}),
-             "abstain_rate": figures["abstain_rate"], "answered_accuracy": figures["answered_accuracy"]}
+    extra = {
+        "model": model_dir,
+        "adapter": adapter,
+        "eval_seconds": round(elapsed, 1),
+        "prompts_per_second": round(n_prompts / elapsed, 2),
+        "n_validation": len(splits["validation"]),
+        "truncated": sum(p["truncated"] for p in predictions),
+        "ece": cal["ece"],
+        "calibration": cal["bins"],
+        "abstain": choice,
+        "in_scope_accuracy": figures["in_scope_accuracy"],
+        **({"oos_recall": figures["oos_recall"]} if oos is not None else {}),
+        "abstain_rate": figures["abstain_rate"],
+        "answered_accuracy": figures["answered_accuracy"],
+    }
     write_report(metrics, predictions, out_dir, extra)
     if not cfg.eval.model_uri:  # a registered version's files never change: its threshold is in its report
         save_threshold(run_dir, threshold, oos)
-    log.info("evaluated %d prompts (%d validation, %d test) in %.1fs (%.1f/s, engine start included)", n_prompts,
-             len(splits["validation"]), len(splits["test"]), elapsed, n_prompts / elapsed)
+    log.info(
+        "evaluated %d prompts (%d validation, %d test) in %.1fs (%.1f/s, engine start included)",
+        n_prompts,
+        len(splits["validation"]),
+        len(splits["test"]),
+        elapsed,
+        n_prompts / elapsed,
+    )
     uri = tracking.tracking_uri(cfg.run.mlflow_uri, cfg.run.runs_dir)
-    logged = ("macro_f1", "weighted_f1", "accuracy", "ece", "in_scope_accuracy", "oos_recall", "abstain_rate",
-              "answered_accuracy")
+    logged = (
+        "macro_f1",
+        "weighted_f1",
+        "accuracy",
+        "ece",
+        "in_scope_accuracy",
+        "oos_recall",
+        "abstain_rate",
+        "answered_accuracy",
+    )
     try:
         if not cfg.eval.model_uri:  # the run's MLflow run holds its own model's figures
-            tracking.log_metrics(uri, run_dir, {f"test_{k}": v for k, v in {**metrics, **extra}.items()
-                                                if k in logged and v is not None})
+            tracking.log_metrics(
+                uri, run_dir, {f"test_{k}": v for k, v in {**metrics, **extra}.items() if k in logged and v is not None}
+            )
     except Exception as exc:
         log.warning("MLflow logging failed: %s", exc)
     return {**metrics, **extra, "report_dir": str(out_dir)}
@@ -129,8 +179,11 @@ def report_dir(cfg: Config, run_dir: Path, model: Path) -> Path:
 
 def split_columns(examples: list[Example], rows: list[dict[str, Any]]) -> dict[str, list]:
     """gold, predicted and (unrounded) probability columns of one split, in the split's order."""
-    return {"gold": [ex.label for ex in examples], "predicted": [str(r["predicted"]) for r in rows],
-            "probability": [float(r["probability"]) for r in rows]}
+    return {
+        "gold": [ex.label for ex in examples],
+        "predicted": [str(r["predicted"]) for r in rows],
+        "probability": [float(r["probability"]) for r in rows],
+    }
 
 
 def read_validation(run_dir: Path) -> list[Example]:

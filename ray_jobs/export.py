@@ -4,6 +4,7 @@
 
 Needs no cluster: merging reads and writes one checkpoint, so it runs in this process.
 """
+
 from __future__ import annotations
 
 import logging

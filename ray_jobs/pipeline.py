@@ -1,7 +1,8 @@
 """All steps: prepare -> train -> export (merge) -> evaluate. The main job of `make run`.
 
-    python -m ray_jobs.pipeline [--config run.yaml] [--key value ...]
+python -m ray_jobs.pipeline [--config run.yaml] [--key value ...]
 """
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,10 @@ def main(argv=None) -> None:
     run_dir, summary = run_pipeline(cfg)
     print(f"\nrun {cfg.run.name}: {run_dir}")
     print(json.dumps(summary["timings"]))
-    print(f"macro_f1={summary['macro_f1']:.4f} weighted_f1={summary['weighted_f1']:.4f} accuracy={summary['accuracy']:.4f} n={summary['n']}")
+    print(
+        f"macro_f1={summary['macro_f1']:.4f} weighted_f1={summary['weighted_f1']:.4f} "
+        f"accuracy={summary['accuracy']:.4f} n={summary['n']}"
+    )
 
 
 if __name__ == "__main__":

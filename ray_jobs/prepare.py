@@ -5,6 +5,7 @@
 Writes <run>/data/{train,validation,test}.jsonl (the exact splits later steps use) and <run>/data_report.json
 (counts, warnings, token lengths, rows cut at max_length). Bad data exits with status 2 before anything trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,18 +44,23 @@ class Tokenize:
         self.kind = get_kind(kind)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        rows = [self.kind.training_row(self.tokenizer, self.fmt, t, l) for t, l in zip(batch["text"], batch["label"])]
+        rows = [
+            self.kind.training_row(self.tokenizer, self.fmt, t, lab) for t, lab in zip(batch["text"], batch["label"])
+        ]
         out: dict[str, Any] = {
             "label": batch["label"],
             "input_ids": [np.asarray(e.input_ids, dtype=np.int32) for e, _ in rows],
             "n_tokens": np.asarray([len(e.input_ids) for e, _ in rows]),
             "truncated": np.asarray([e.truncated for e, _ in rows]),
         }
-        for key in (rows[0][1] if rows else {}):
+        for key in rows[0][1] if rows else {}:
             values = [extra[key] for _, extra in rows]
             # per-token columns (a mask) stay one array per row; per-row values (a label id) make one column
-            out[key] = ([np.asarray(v, dtype=np.int8) for v in values] if isinstance(values[0], list)
-                        else np.asarray(values, dtype=np.int64))
+            out[key] = (
+                [np.asarray(v, dtype=np.int8) for v in values]
+                if isinstance(values[0], list)
+                else np.asarray(values, dtype=np.int64)
+            )
         return out
 
 
@@ -76,8 +82,12 @@ def tokenize(examples: list[Example], cfg: Config, fmt: PromptFormat):
     # workers hold both would wait forever.
     return ds.map_batches(
         Tokenize,
-        fn_constructor_kwargs={"model": cfg.model.model, "cache_dir": cfg.model.model_cache_dir, "fmt": fmt.to_dict(),
-                               "kind": cfg.model.model_kind},
+        fn_constructor_kwargs={
+            "model": cfg.model.model,
+            "cache_dir": cfg.model.model_cache_dir,
+            "fmt": fmt.to_dict(),
+            "kind": cfg.model.model_kind,
+        },
         batch_size=256,
         concurrency=1,
         num_cpus=0.5,
@@ -131,8 +141,16 @@ def prepare(cfg: Config, run_dir: Path, splits: Optional[Splits] = None) -> Prep
         "format": fitted,
     }
     for name, st in report["tokens"].items():
-        log.info("%s: %d rows, tokens mean %.1f, p95 %d, max %d; %d cut at max_length %d", name, st["rows"],
-                 st["tokens_mean"], st["tokens_p95"], st["tokens_max"], st["truncated_rows"], cfg.model.max_length)
+        log.info(
+            "%s: %d rows, tokens mean %.1f, p95 %d, max %d; %d cut at max_length %d",
+            name,
+            st["rows"],
+            st["tokens_mean"],
+            st["tokens_p95"],
+            st["tokens_max"],
+            st["truncated_rows"],
+            cfg.model.max_length,
+        )
     print_plan(cfg, splits, fmt, fitted, report)
     (run_dir / "data_report.json").write_text(json.dumps(report, indent=2))
     return Prepared(splits=splits, fmt=fmt, datasets=datasets, report=report)
@@ -145,8 +163,12 @@ def fit_format(cfg: Config, splits: Splits) -> tuple[PromptFormat, dict[str, Any
 
     path = resolve_model(cfg.model.model, cfg.model.model_cache_dir)  # converts a bundled model once, up front
     kind = get_kind(cfg.model.model_kind)
-    fmt, fitted = kind.fit_format(format_from_config(cfg.model, splits.labels), AutoTokenizer.from_pretrained(path),
-                                  [ex.text for ex in splits.train], cfg.model)
+    fmt, fitted = kind.fit_format(
+        format_from_config(cfg.model, splits.labels),
+        AutoTokenizer.from_pretrained(path),
+        [ex.text for ex in splits.train],
+        cfg.model,
+    )
     cfg.model.max_length = fmt.max_length
     return fmt, fitted
 
@@ -154,29 +176,51 @@ def fit_format(cfg: Config, splits: Splits) -> tuple[PromptFormat, dict[str, Any
 def print_plan(cfg: Config, splits: Splits, fmt: PromptFormat, fitted: dict[str, Any], report: dict[str, Any]) -> None:
     """The run's plan as far as the data decides it; the training worker adds the measured step time."""
     cut = sum(st["truncated_rows"] for st in report["tokens"].values())
-    source = "given" if fitted.get("given") else (
-        f"from the data: {fitted['overhead_tokens']} tokens around the text + the longest text "
-        f"{fitted['text_tokens_max']} (p99 {fitted['text_tokens_p99']}) up to {cfg.model.max_text_tokens}")
-    print(f"[plan] data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test "
-          f"rows, {len(splits.labels)} labels; {cfg.model.model_kind} {cfg.model.model}", flush=True)
-    print(f"[plan] max_length {fmt.max_length} ({source}); {cut} train/validation rows cut"
-          + (f"; answers: {fitted['answers']}, {'listed' if fmt.list_labels else 'not listed'} in the prompt"
-             if "answers" in fitted else ""), flush=True)
+    source = (
+        "given"
+        if fitted.get("given")
+        else (
+            f"from the data: {fitted['overhead_tokens']} tokens around the text + the longest text "
+            f"{fitted['text_tokens_max']} (p99 {fitted['text_tokens_p99']}) up to {cfg.model.max_text_tokens}"
+        )
+    )
+    print(
+        f"[plan] data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test "
+        f"rows, {len(splits.labels)} labels; {cfg.model.model_kind} {cfg.model.model}",
+        flush=True,
+    )
+    print(
+        f"[plan] max_length {fmt.max_length} ({source}); {cut} train/validation rows cut"
+        + (
+            f"; answers: {fitted['answers']}, {'listed' if fmt.list_labels else 'not listed'} in the prompt"
+            if "answers" in fitted
+            else ""
+        ),
+        flush=True,
+    )
     t = cfg.train
     draft = plan_training(t, len(splits.train), len(splits.validation), t.num_workers)
-    print(f"[plan] training: {draft.describe()}" + (f"; time budget {t.time_budget}: the steps are fitted to a step "
-                                                    f"time measured before training" if t.time_budget else ""),
-          flush=True)
+    print(
+        f"[plan] training: {draft.describe()}"
+        + (
+            f"; time budget {t.time_budget}: the steps are fitted to a step time measured before training"
+            if t.time_budget
+            else ""
+        ),
+        flush=True,
+    )
 
 
 def exit_on_data_error(fn):
     """Bad data, or a rerun that would mix two runs: every problem on stderr, exit status 2, nothing trained."""
+
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (DataValidationError, RunConflictError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+
     return wrapper
 
 

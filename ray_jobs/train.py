@@ -6,6 +6,7 @@ Runs prepare first, then trains; checkpoints go through Ray Train (the best by e
 a rerun with the same --name and setup resumes from the latest (another setup: see --on-existing), and the best
 adapter is exported to <run>/adapter/.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
     # Which node each rank runs on (the cluster tests read it from the job's log).
-    print(f"[train] rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} pid {os.getpid()}",
-          flush=True)
+    print(
+        f"[train] rank {ctx.get_world_rank()} on node {ray.get_runtime_context().get_node_id()} pid {os.getpid()}",
+        flush=True,
+    )
     os.environ.update(config.get("env", {}))
     # Every worker gets the whole (small, tokenized) dataset; the HF sampler shards it across ranks.
     train_rows = list(ray.train.get_dataset_shard("train").iter_rows())
@@ -82,8 +85,13 @@ def train_worker(config: dict[str, Any]) -> None:
         output = trainer.train()
     shutil.rmtree(output_dir, ignore_errors=True)  # Ray Train holds the checkpoints that count
     # Throughput and final loss, reported by every worker (a report is collective) without a checkpoint.
-    ray.train.report({**{f"final_{k}": v for k, v in output.metrics.items()},
-                      "node_id": ray.get_runtime_context().get_node_id(), "plan": plan.to_dict()})
+    ray.train.report(
+        {
+            **{f"final_{k}": v for k, v in output.metrics.items()},
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "plan": plan.to_dict(),
+        }
+    )
 
 
 def _final_metrics_callback(path: Path):
@@ -96,8 +104,10 @@ def _final_metrics_callback(path: Path):
             final = next((m for m in metrics if m and "final_train_runtime" in m), None)
             if final:
                 # the node of each rank, in rank order: where the run actually ran
-                final = {**{k: v for k, v in final.items() if k != "node_id"},
-                         "worker_nodes": [(m or {}).get("node_id") for m in metrics]}
+                final = {
+                    **{k: v for k, v in final.items() if k != "node_id"},
+                    "worker_nodes": [(m or {}).get("node_id") for m in metrics],
+                }
                 path.write_text(json.dumps(final, indent=2))
 
     return FinalMetrics()
@@ -137,7 +147,9 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         train_worker,
         train_loop_config={"cfg": cfg.to_dict(), "env": env, "labels": list(prepared.fmt.labels)},
         scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, placement_strategy=t.placement_strategy,
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            placement_strategy=t.placement_strategy,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if t.use_gpu else {})},
         ),
         datasets=prepared.datasets,
@@ -178,14 +190,22 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
         )
     final_file = run_dir / "train_output.json"
     final = json.loads(final_file.read_text()) if final_file.exists() else {}
-    summary = {"best_step": metrics.get("step"), "best_eval_loss": metrics["eval_loss"], "train_wall_s": round(elapsed, 1),
-               **final}
+    summary = {
+        "best_step": metrics.get("step"),
+        "best_eval_loss": metrics["eval_loss"],
+        "train_wall_s": round(elapsed, 1),
+        **final,
+    }
     (run_dir / "train_metrics.json").write_text(json.dumps(summary, indent=2))
     plan = final.get("plan") or {}
     estimate = plan.get("estimate_s")
-    print(f"[plan] trained {plan.get('steps', '?')} steps in {elapsed / 60:.1f} min (Ray Train start and checkpoints "
-          f"included)" + (f"; estimated {estimate / 60:.1f} min" if estimate else "") +
-          f"; kept step {metrics.get('step')} (lowest validation loss {metrics['eval_loss']:.4f})", flush=True)
+    print(
+        f"[plan] trained {plan.get('steps', '?')} steps in {elapsed / 60:.1f} min (Ray Train start and checkpoints "
+        f"included)"
+        + (f"; estimated {estimate / 60:.1f} min" if estimate else "")
+        + f"; kept step {metrics.get('step')} (lowest validation loss {metrics['eval_loss']:.4f})",
+        flush=True,
+    )
     if env:
         tracking.log_metrics(uri, run_dir, {"best_eval_loss": metrics["eval_loss"]})
     log.info("adapter saved to %s; training: %s", adapter, json.dumps(summary))

@@ -1,8 +1,8 @@
 """Ray Serve application serving a trained textclf classifier.
 
-    app.py            the deployment (one vLLM engine per replica) and the builders named in config.yaml
-    api.py            the FastAPI app over textclf.serving.Classifiers: routes, middleware, error answers
-    engine.py         textclf.serving.Engine over vLLM's AsyncLLM
-    cpu_placement.py  each replica's engine on its own CPU cores
-    state.py          the replica's Prometheus metrics
+app.py            the deployment (one vLLM engine per replica) and the builders named in config.yaml
+api.py            the FastAPI app over textclf.serving.Classifiers: routes, middleware, error answers
+engine.py         textclf.serving.Engine over vLLM's AsyncLLM
+cpu_placement.py  each replica's engine on its own CPU cores
+state.py          the replica's Prometheus metrics
 """

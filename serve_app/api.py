@@ -1,6 +1,7 @@
 """The HTTP API: a FastAPI app over a `textclf.serving.Classifiers`, with the request-edge middleware (body limit,
 metrics) and the mapping of errors to JSON answers. Built per replica by the Serve deployment (serve_app/app.py),
 and without Ray in the unit tests."""
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,14 @@ class ErrorResponse(JSONResponse):
     """OpenAI's error shape, {"error": {"message", "type", "param", "code", "detail"?}}, as ASCII JSON: a name
     echoed from a request may hold a lone surrogate, which UTF-8 cannot encode."""
 
-    def __init__(self, status: int, message: str, detail: Any = None, retry_after_s: Optional[int] = None,
-                 headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: Any = None,
+        retry_after_s: Optional[int] = None,
+        headers: Optional[dict[str, str]] = None,
+    ):
         error = {"message": message, "type": error_type(status), "param": param_of(detail), "code": status}
         if detail is not None:
             error["detail"] = detail
@@ -176,14 +183,18 @@ def create_api(classifiers: Classifiers) -> FastAPI:
         title="textclf",
         version="0.1.0",
         description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
-                    "classifier's labels (or null below the abstain threshold), with its probability.",
+        "classifier's labels (or null below the abstain threshold), with its probability.",
     )
     api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
     add_error_handlers(api, cfg.retry_after_s)
 
-    @api.post("/classify", response_model=Union[Prediction, ClassificationResponse], responses=ERRORS,
-              openapi_extra=request_body(ClassifyRequest, VllmClassifyRequest),
-              summary="Classify one text ({\"text\"}), or vLLM's request ({\"input\"}) with vLLM's answer")
+    @api.post(
+        "/classify",
+        response_model=Union[Prediction, ClassificationResponse],
+        responses=ERRORS,
+        openapi_extra=request_body(ClassifyRequest, VllmClassifyRequest),
+        summary='Classify one text ({"text"}), or vLLM\'s request ({"input"}) with vLLM\'s answer',
+    )
     async def classify(request: Request) -> dict[str, Any]:
         data = read_json(await request.body())
         count_texts(data, cfg.max_batch)
@@ -197,9 +208,13 @@ def create_api(classifiers: Classifiers) -> FastAPI:
         record([r])
         return r
 
-    @api.post("/classify/batch", response_model=list[Prediction], responses=ERRORS,
-              openapi_extra=request_body(BatchRequest),
-              summary="Classify several texts (at most max_batch) with one classifier")
+    @api.post(
+        "/classify/batch",
+        response_model=list[Prediction],
+        responses=ERRORS,
+        openapi_extra=request_body(BatchRequest),
+        summary="Classify several texts (at most max_batch) with one classifier",
+    )
     async def classify_batch(request: Request) -> list[dict[str, Any]]:
         req = parse_request(await request.body(), BatchRequest, cfg.max_batch)
         results = await classifiers.classify(req.texts, req.model, req.abstain_threshold)
@@ -210,8 +225,11 @@ def create_api(classifiers: Classifiers) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/ready", summary="Readiness: the engine is loaded and classifies a probe text",
-             responses={503: {"model": ErrorBody}})
+    @api.get(
+        "/ready",
+        summary="Readiness: the engine is loaded and classifies a probe text",
+        responses={503: {"model": ErrorBody}},
+    )
     async def ready() -> JSONResponse:
         ok, reason = await classifiers.ready()
         headers = None if ok else {"Retry-After": str(cfg.retry_after_s)}
@@ -219,15 +237,32 @@ def create_api(classifiers: Classifiers) -> FastAPI:
 
     @api.get("/v1/models", response_model=ModelList, summary="The classifiers, in OpenAI's model list shape")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "textclf", "root": name,
-             "max_model_len": classifiers.plan.max_model_len, "permission": []} for name in classifiers.names]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": started,
+                    "owned_by": "textclf",
+                    "root": name,
+                    "max_model_len": classifiers.plan.max_model_len,
+                    "permission": [],
+                }
+                for name in classifiers.names
+            ],
+        }
 
     @api.get("/labels", summary="Each classifier's labels, and the default classifier")
     async def labels() -> dict[str, Any]:
-        return {"default": classifiers.plan.default, "classifiers": classifiers.labels(),
-                "abstain_threshold": cfg.abstain_threshold, "abstain_thresholds": classifiers.thresholds(),
-                "max_batch": cfg.max_batch, "max_text_chars": cfg.max_text_chars}
+        return {
+            "default": classifiers.plan.default,
+            "classifiers": classifiers.labels(),
+            "abstain_threshold": cfg.abstain_threshold,
+            "abstain_thresholds": classifiers.thresholds(),
+            "max_batch": cfg.max_batch,
+            "max_text_chars": cfg.max_text_chars,
+        }
 
     @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:

@@ -7,6 +7,7 @@ serve_app/api.py.
 `build_app(args)` is the application builder named in the YAML; `args` is a `textclf.serving.ServeConfig`.
 Autoscaling, max_ongoing_requests and replica resources live in the YAML's `deployments:` section.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,13 @@ DEPLOYMENT = "Classifier"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
-                  health_check_period_s=10, graceful_shutdown_timeout_s=30)
+@serve.deployment(
+    name=DEPLOYMENT,
+    max_ongoing_requests=64,
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    graceful_shutdown_timeout_s=30,
+)
 @serve.ingress()  # the FastAPI app is built per replica, over its engine (__serve_build_asgi_app__)
 class ClassifierServer:
     def __init__(self, config: dict[str, Any]):
@@ -41,8 +47,13 @@ class ClassifierServer:
         with engine_on_its_cores(mask):
             self.engine = VllmEngine(self.plan, self.cfg)
         self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
-        log.info("textclf: engine %s ready in %.1fs (classifiers %s, cores %s)", self.plan.engine_model,
-                 time.time() - t0, self.classifiers.names, mask)
+        log.info(
+            "textclf: engine %s ready in %.1fs (classifiers %s, cores %s)",
+            self.plan.engine_model,
+            time.time() - t0,
+            self.classifiers.names,
+            mask,
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers)
@@ -66,8 +77,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return ClassifierServer.bind(cfg.model_dump())
 
 
-def app_from_config(path: str | os.PathLike = DEFAULT_CONFIG, deployment_overrides: Optional[dict] = None,
-                    **arg_overrides) -> serve.Application:
+def app_from_config(
+    path: str | os.PathLike = DEFAULT_CONFIG, deployment_overrides: Optional[dict] = None, **arg_overrides
+) -> serve.Application:
     """The application as the YAML defines it (args and deployment options), for `serve.run` from Python."""
     conf = yaml.safe_load(Path(path).read_text())
     app = conf["applications"][0]

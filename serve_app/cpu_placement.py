@@ -1,5 +1,6 @@
 """Where a replica's vLLM CPU engine computes: its own cores on the node (VLLM_CPU_OMP_THREADS_BIND), with the
 engine's processes started on them and the replica's own threads moved off them."""
+
 from __future__ import annotations
 
 import fcntl

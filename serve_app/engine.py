@@ -1,4 +1,5 @@
 """`textclf.serving.Engine` over vLLM's AsyncLLM: the engine a replica owns."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,19 +17,31 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kw = engine_kwargs(plan.engine_model, plan.max_model_len, cfg.engine.settings(), enable_lora=plan.enable_lora,
-                           max_loras=plan.max_loras, max_lora_rank=plan.max_lora_rank, runner=plan.runner)
+        kw = engine_kwargs(
+            plan.engine_model,
+            plan.max_model_len,
+            cfg.engine.settings(),
+            enable_lora=plan.enable_lora,
+            max_loras=plan.max_loras,
+            max_lora_rank=plan.max_lora_rank,
+            runner=plan.runner,
+        )
         self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
         kw["disable_log_stats"] = True
-        self.loras = {s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir)
-                      for s in plan.classifiers.values() if s.adapter_dir}
+        self.loras = {
+            s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir) for s in plan.classifiers.values() if s.adapter_dir
+        }
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
 
     async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any:
         final = None
         run = self.llm.encode if self.runner == "pooling" else self.llm.generate
-        async for out in run({"prompt_token_ids": prompt_token_ids}, params, request_id=request_id,
-                             lora_request=self.loras.get(spec.name)):
+        async for out in run(
+            {"prompt_token_ids": prompt_token_ids},
+            params,
+            request_id=request_id,
+            lora_request=self.loras.get(spec.name),
+        ):
             final = out
         if final is None or not final.outputs:
             raise RuntimeError("the engine returned no output")

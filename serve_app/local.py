@@ -8,6 +8,7 @@ when the cluster starts, so they must be in the environment of `serve run` / `ra
 
     python -m serve_app.local --env      # prints them as KEY=VALUE lines (the Makefile's `make serve` uses it)
 """
+
 from __future__ import annotations
 
 import os
@@ -60,11 +61,18 @@ class LocalServe:
     """A Ray cluster of our own (own temp dir, random ports, 127.0.0.1) with Serve's proxy on a free port.
     Environment variables in `env` are set before Ray starts (the direct-ingress settings must be)."""
 
-    def __init__(self, env: Optional[dict[str, str]] = None, num_cpus: int = 2, http_port: Optional[int] = None,
-                 di_ports: Optional[tuple[int, int]] = None):
+    def __init__(
+        self,
+        env: Optional[dict[str, str]] = None,
+        num_cpus: int = 2,
+        http_port: Optional[int] = None,
+        di_ports: Optional[tuple[int, int]] = None,
+    ):
         self.env = dict(SCRIPT_ENV if env is None else env)
         if di_ports and self.env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
-            self.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], self.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = map(str, di_ports)
+            self.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], self.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = (
+                map(str, di_ports)
+            )
         self.num_cpus = num_cpus
         self.http_port = http_port or free_port()
         self.temp = tempfile.mkdtemp(prefix="rsl", dir="/tmp")
@@ -78,9 +86,14 @@ class LocalServe:
         import ray
         from ray import serve
 
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, _temp_dir=self.temp, log_to_driver=False,
-                 _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
+        ray.init(
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            _temp_dir=self.temp,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}},
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         return self
 

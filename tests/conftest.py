@@ -14,8 +14,18 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a hub at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DOMAINS = ["auto_and_commute", "banking", "credit_cards", "home", "kitchen_and_dining", "meta", "small_talk",
-           "travel", "utility", "work"]
+DOMAINS = [
+    "auto_and_commute",
+    "banking",
+    "credit_cards",
+    "home",
+    "kitchen_and_dining",
+    "meta",
+    "small_talk",
+    "travel",
+    "utility",
+    "work",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -44,17 +54,41 @@ def tokenizer(smollm2_path):
 # A small run of the real pipeline (2 Ray Train workers, 4 steps, vLLM evaluation), trained once per session and
 # shared by the pipeline tests and the serving tests. TEXTCLF_TEST_RUN=<run folder> reuses an existing one.
 SMALL = [
-    "--max-train-examples", "40", "--max-eval-examples", "30",
-    "--num-workers", "2", "--per-device-batch-size", "2", "--max-steps", "4",
-    "--eval-steps", "2", "--save-steps", "2", "--logging-steps", "1", "--warmup-steps", "1",
-    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
+    "--max-train-examples",
+    "40",
+    "--max-eval-examples",
+    "30",
+    "--num-workers",
+    "2",
+    "--per-device-batch-size",
+    "2",
+    "--max-steps",
+    "4",
+    "--eval-steps",
+    "2",
+    "--save-steps",
+    "2",
+    "--logging-steps",
+    "1",
+    "--warmup-steps",
+    "1",
+    "--kv-cache-gib",
+    "0.25",
+    "--max-num-seqs",
+    "32",
 ]
 
 
 def run_step(step, *args, timeout=900):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", f"ray_jobs.{step}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"ray_jobs.{step}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -80,10 +114,18 @@ def tiny_run(tiny_pipeline):
 # Serve tests (test_serve, test_encoder): one local Ray + Serve per test module, on its own port and temp dir.
 MARKER = f"TEXTCLF_SERVE_TEST={uuid.uuid4().hex}"  # in the environment of every process the serve tests start
 # abstain_threshold 0: the tests check labels; the tiny run's own threshold (classifier.json) would withhold some.
-TEST_ARGS = {"request_timeout_s": 300, "max_text_chars": 5000, "max_batch": 40, "max_body_bytes": 65536,
-             "abstain_threshold": 0.0, "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32}}
-ONE_REPLICA = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
-               "ray_actor_options": {"num_cpus": 1, "num_gpus": 0}}
+TEST_ARGS = {
+    "request_timeout_s": 300,
+    "max_text_chars": 5000,
+    "max_batch": 40,
+    "max_body_bytes": 65536,
+    "abstain_threshold": 0.0,
+    "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 32},
+}
+ONE_REPLICA = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
+    "ray_actor_options": {"num_cpus": 1, "num_gpus": 0},
+}
 
 
 def shutdown_serve(cluster, timeout: float = 60) -> list[int]:
@@ -129,8 +171,13 @@ def cluster():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
-             runtime_env={"env_vars": {k: v, "PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp,
+        log_to_driver=False,
+        runtime_env={"env_vars": {k: v, "PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     state = {"url": f"http://127.0.0.1:{port}", "shut": False}
     yield state

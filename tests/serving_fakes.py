@@ -1,4 +1,5 @@
 """A fake engine and a Classifiers over it, for the serving unit tests (no Ray, no vLLM engine)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from textclf.prompts import PromptFormat
-from textclf.serving import ClassifierSpec, Classifiers, ServeConfig, ServingPlan
+from textclf.serving import Classifiers, ClassifierSpec, ServeConfig, ServingPlan
 
 LABELS = ("banking", "travel", "kitchen_and_dining")
 

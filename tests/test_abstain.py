@@ -1,4 +1,5 @@
 """Out-of-scope detection and the abstain threshold chosen on hand-made validation predictions (no Ray, no vLLM)."""
+
 import math
 
 import pytest
@@ -25,10 +26,18 @@ def cols(rows):
 
 # -- the out-of-scope label -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("labels, want", [
-    (["a", "oos"], "oos"), (["out_of_scope", "a"], "out_of_scope"), (["a", "out-of-scope"], "out-of-scope"),
-    (["a", "b"], None), (["a", "OOS"], None), (["a", "oos_extra"], None),  # exact names only
-])
+
+@pytest.mark.parametrize(
+    "labels, want",
+    [
+        (["a", "oos"], "oos"),
+        (["out_of_scope", "a"], "out_of_scope"),
+        (["a", "out-of-scope"], "out-of-scope"),
+        (["a", "b"], None),
+        (["a", "OOS"], None),
+        (["a", "oos_extra"], None),  # exact names only
+    ],
+)
 def test_oos_label_auto(labels, want):
     assert oos_label(labels) == want
 
@@ -55,6 +64,7 @@ def test_config_keys():
 
 # -- targets ----------------------------------------------------------------------------------------------------
 
+
 def test_parse_target():
     assert parse_target("auto") == Target("auto") and parse_target(" None ") == Target("none")
     assert parse_target("oos_recall:0.7") == Target("oos_recall", 0.7)
@@ -80,13 +90,16 @@ def test_auto_ties_go_to_the_lower_threshold():
     assert choose_threshold(*cols(rows), "auto", "oos")["threshold"] == 0.6
 
 
-@pytest.mark.parametrize("target, want", [
-    ("oos_recall:0.3", 0.0),  # 1/3 already
-    ("oos_recall:0.6", 0.4),  # 2/3 once the row at 0.3 abstains
-    ("oos_recall:1", 0.6),
-    ("precision:0.8", 0.45),  # 5/6; 0.5 gives 4/5 too, but 0.45 is lower
-    ("precision:0.95", 0.6),  # 4/4
-])
+@pytest.mark.parametrize(
+    "target, want",
+    [
+        ("oos_recall:0.3", 0.0),  # 1/3 already
+        ("oos_recall:0.6", 0.4),  # 2/3 once the row at 0.3 abstains
+        ("oos_recall:1", 0.6),
+        ("precision:0.8", 0.45),  # 5/6; 0.5 gives 4/5 too, but 0.45 is lower
+        ("precision:0.95", 0.6),  # 4/4
+    ],
+)
 def test_lowest_threshold_reaching_the_target(target, want):
     c = choose_threshold(*cols(VAL), target, "oos")
     assert c["threshold"] == want and c["reached"] is True and c["target"] == target
@@ -145,8 +158,10 @@ def test_sweep_matches_figures_at_each_threshold():
 
     rng = random.Random(0)
     labels = ["a", "b", "oos"]
-    rows = [(rng.choice(labels), rng.choice(labels), rng.choice([0.2, 0.5, 0.5, 0.9, rng.random(), math.nan]))
-            for _ in range(200)]
+    rows = [
+        (rng.choice(labels), rng.choice(labels), rng.choice([0.2, 0.5, 0.5, 0.9, rng.random(), math.nan]))
+        for _ in range(200)
+    ]
     g, q, p = (np.asarray(c, dtype=object if i < 2 else float) for i, c in enumerate(cols(rows)))
     thresholds = np.array([0.0, 0.2, 0.3, 0.5, 0.9, 1.0])
     for oos in ("oos", None):

@@ -1,5 +1,6 @@
 """The HTTP API (serve_app/api.py) built over a fake engine, without Ray: status codes, the JSON error body,
 Retry-After, admission by texts in progress, the health probe, bad input."""
+
 import asyncio
 import json
 import time
@@ -7,11 +8,10 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from serving_fakes import make_classifiers
 
 from serve_app.api import create_api
 from textclf.serving import EngineUnavailable, ServeConfig
-
-from serving_fakes import make_classifiers
 
 
 def client_for(tokenizer, **cfg):
@@ -50,6 +50,7 @@ def test_classify_batch_labels_health(api):
 
 
 # -- a dead or stalled engine -------------------------------------------------------------------------------------
+
 
 def test_dead_engine_answers_503_with_retry_after_at_once(tokenizer):
     c, clf, engine = client_for(tokenizer, retry_after_s=3)
@@ -125,6 +126,7 @@ def test_health_check_does_not_kill_a_busy_replica(tokenizer):
 
 # -- overload ---------------------------------------------------------------------------------------------------
 
+
 def test_admission_counts_texts_and_refuses_beyond_the_limit(tokenizer):
     clf, engine, _ = make_classifiers(tokenizer, max_inflight_texts=5, retry_after_s=2)
     app = create_api(clf)
@@ -160,17 +162,21 @@ def test_inflight_limit_defaults_and_checks():
 
 # -- bad input: every refusal in the API's JSON shape ----------------------------------------------------------
 
+
 def post_raw(c, path, body: bytes, **headers):
     return c.post(path, content=body, headers={"content-type": "application/json", **headers})
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/classify", b'{"text": "\\ud800"}'),
-    ("/classify", b'{"text": "ok \\udfff"}'),
-    ("/classify/batch", b'{"texts": ["ok", "\\ud800"]}'),
-    ("/classify", b'{"text": "ok", "\\ud800": 1}'),  # an unknown field whose name UTF-8 cannot encode
-    ("/classify", b'{"text": "ok", "model": "\\ud800"}'),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/classify", b'{"text": "\\ud800"}'),
+        ("/classify", b'{"text": "ok \\udfff"}'),
+        ("/classify/batch", b'{"texts": ["ok", "\\ud800"]}'),
+        ("/classify", b'{"text": "ok", "\\ud800": 1}'),  # an unknown field whose name UTF-8 cannot encode
+        ("/classify", b'{"text": "ok", "model": "\\ud800"}'),
+    ],
+)
 def test_lone_surrogates_are_a_json_4xx(api, path, body):
     c, _, engine = api
     r = post_raw(c, path, body)
@@ -184,11 +190,19 @@ def test_surrogate_refusal_names_the_index(api):
     assert "[1]" in detail[0]["msg"] and "surrogate" in detail[0]["msg"]
 
 
-@pytest.mark.parametrize("body", [
-    b"{text: oops", b"", b"[1, 2]", b'"just a string"', b'{"text": "\xff\xfe"}', b"{" * 10,
-    b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # nested deeper than any JSON parser's stack
-    b'{"text": "ok", "abstain_threshold": ' + b"9" * 5000 + b"}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{text: oops",
+        b"",
+        b"[1, 2]",
+        b'"just a string"',
+        b'{"text": "\xff\xfe"}',
+        b"{" * 10,
+        b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",  # nested deeper than any JSON parser's stack
+        b'{"text": "ok", "abstain_threshold": ' + b"9" * 5000 + b"}",
+    ],
+)
 def test_malformed_bodies_get_the_api_error(api, body):
     c, _, _ = api
     body_ = error_of(post_raw(c, "/classify", body), 422)
@@ -263,6 +277,7 @@ def test_other_errors_are_json_too(api, monkeypatch):
 
 # -- docs and metrics -------------------------------------------------------------------------------------------
 
+
 def test_openapi_documents_every_route_and_both_request_shapes(api):
     c, _, _ = api
     doc = c.get("/openapi.json").json()
@@ -279,6 +294,7 @@ def test_openapi_documents_every_route_and_both_request_shapes(api):
 
 
 # -- vLLM's classification API and OpenAI's model list -----------------------------------------------------------
+
 
 def test_vllm_classify_one_text(api):
     c, clf, engine = api
@@ -305,11 +321,20 @@ def test_vllm_classify_a_list_uses_the_default_and_the_servers_threshold(tokeniz
     assert body["usage"]["prompt_tokens"] == sum(len(call[0]) for call in engine.calls)
 
 
-@pytest.mark.parametrize("body,status", [
-    ({"input": []}, 422), ({"input": ["ok", "\u200b"]}, 422), ({"input": [1, 2, 3]}, 422), ({"input": [[1, 2]]}, 422),
-    ({"input": "ok", "model": "nope"}, 404), ({"input": ["x"] * 5}, 413), ({"input": "x" * 5001}, 413),
-    ({"input": "ok", "truncate_prompt_tokens": 8}, 422), ({"input": "ok", "abstain_threshold": 0.5}, 422),
-])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"input": []}, 422),
+        ({"input": ["ok", "\u200b"]}, 422),
+        ({"input": [1, 2, 3]}, 422),
+        ({"input": [[1, 2]]}, 422),
+        ({"input": "ok", "model": "nope"}, 404),
+        ({"input": ["x"] * 5}, 413),
+        ({"input": "x" * 5001}, 413),
+        ({"input": "ok", "truncate_prompt_tokens": 8}, 422),
+        ({"input": "ok", "abstain_threshold": 0.5}, 422),
+    ],
+)
 def test_vllm_classify_refusals(api, body, status):
     c, _, engine = api
     error_of(c.post("/classify", json=body), status)

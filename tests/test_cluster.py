@@ -2,8 +2,8 @@
 `ray job submit --working-dir .`, training workers on both nodes, a run folder behind a URI (file://, the one
 pyarrow scheme that works offline here; s3:// and gs:// take the same code path), a training worker killed
 mid-run, and a teardown that leaves none of the cluster's processes behind."""
+
 import json
-import os
 import re
 import signal
 import subprocess
@@ -42,9 +42,16 @@ def ray_cli(cluster, *args, timeout=600):
 
 
 def submit(cluster, *entrypoint, wait=True, submission_id=None, timeout=600):
-    args = ["submit", "--address", cluster["dashboard"], "--working-dir", ".",
-            # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers (ranks, steps) across workers.
-            "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}})]
+    args = [
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--working-dir",
+        ".",
+        # RAY_DEDUP_LOGS=0: Ray folds log lines that differ only in numbers (ranks, steps) across workers.
+        "--runtime-env-json",
+        json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}}),
+    ]
     if submission_id:
         args += ["--submission-id", submission_id]
     if not wait:
@@ -54,8 +61,9 @@ def submit(cluster, *entrypoint, wait=True, submission_id=None, timeout=600):
 
 def node_ids(cluster) -> set[str]:
     """The node ids `ray status` lists as active for this cluster."""
-    status = subprocess.run([RAY, "status", "--address", cluster["gcs_address"]], capture_output=True, text=True,
-                            env=local.cli_env(cluster)).stdout
+    status = subprocess.run(
+        [RAY, "status", "--address", cluster["gcs_address"]], capture_output=True, text=True, env=local.cli_env(cluster)
+    ).stdout
     return set(re.findall(r"node_([0-9a-f]{20,})", status))
 
 
@@ -87,8 +95,13 @@ def test_train_then_evaluate_jobs_on_two_nodes_through_a_uri(cluster, tmp_path):
 
     probe = "python -c \"import os, sys; print('PY', sys.executable); print('TOP', sorted(os.listdir('.')))\""
     # `ray job submit -- a b` quotes each argument, so a command line with && goes through bash -c.
-    proc = submit(cluster, "bash", "-c", f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
-                  f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl")
+    proc = submit(
+        cluster,
+        "bash",
+        "-c",
+        f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
+        f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl",
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "macro_f1=" in out, out[-6000:]
     # The job's `python` is this venv's, on the uploaded working dir, without .venv / runs / .git in it.
@@ -125,9 +138,25 @@ def _steps(path: Path) -> list[int]:
 
 def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     job = f"kill-{uuid.uuid4().hex[:8]}"
-    proc = submit(cluster, "python", "-m", "ray_jobs.train", *TINY, "--runs-dir", str(tmp_path / "runs"),
-                  "--name", "kill", "--max-steps", "10", "--max-failures", "2", "--checkpoints-to-keep", "10",
-                  wait=False, submission_id=job)
+    proc = submit(
+        cluster,
+        "python",
+        "-m",
+        "ray_jobs.train",
+        *TINY,
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--name",
+        "kill",
+        "--max-steps",
+        "10",
+        "--max-failures",
+        "2",
+        "--checkpoints-to-keep",
+        "10",
+        wait=False,
+        submission_id=job,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ckpt_dir = tmp_path / "runs" / "kill" / "ray_train"
     deadline = time.time() + 400
@@ -155,12 +184,12 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     log = ray_cli(cluster, "logs", "--address", cluster["dashboard"], job).stdout
     assert ended and ended.group(1) == "succeeded", st + log[-6000:]
     assert "[train] resuming from" in log, log[-6000:]
-    after = log[log.index("[train] resuming from"):]
+    after = log[log.index("[train] resuming from") :]
     start = re.search(r"\[train\] start: world_size 2, \d+ threads, step (\d+)/10.*\n", after)
     assert start, after[-6000:]
     resumed_at = int(start.group(1))
     assert resumed_at >= killed_after >= 2  # the global step continues from a checkpoint, not from 0
     # the progress lines after the resumed start line (which names the start step itself)
-    later = [int(s) for s in re.findall(r"\[train\] step (\d+)/10", after[start.end():])]
+    later = [int(s) for s in re.findall(r"\[train\] step (\d+)/10", after[start.end() :])]
     assert later and min(later) > resumed_at and max(later) == 10
     assert max(_steps(ckpt_dir)) == 10

@@ -1,7 +1,7 @@
 """Where `cluster/local.py up` takes its auth token from: a fresh HOME has none, and `ray start --head` with token
 auth makes none of its own (it exits at once), so `up` must find or make one and hand it to every node and CLI call.
 No cluster is started here (tests/test_cluster.py starts one)."""
-import os
+
 import stat
 
 import pytest
@@ -34,8 +34,10 @@ def test_an_empty_home_gets_a_token_made_once_in_the_state_dir(empty_home, tmp_p
 def test_an_existing_home_token_is_used(empty_home, tmp_path):
     (empty_home / ".ray").mkdir()
     (empty_home / ".ray" / "auth_token").write_text("x" * 32)
-    assert local.auth_token(tmp_path / "state") == {"source": "~/.ray/auth_token",
-                                                      "path": str(empty_home / ".ray" / "auth_token")}
+    assert local.auth_token(tmp_path / "state") == {
+        "source": "~/.ray/auth_token",
+        "path": str(empty_home / ".ray" / "auth_token"),
+    }
     assert not (tmp_path / "state" / "auth_token").exists()
 
 

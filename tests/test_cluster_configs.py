@@ -1,6 +1,7 @@
 """The cluster configs (cluster/) against the project: real manifests pass, and each kind of mistake is caught.
 KubeRay's CRD schemas are not available offline here, so these are the project's own checks (cluster/validate.py);
 `python -m cluster.validate --crd-dir <kuberay>/ray-operator/config/crd/bases` adds the CRD schemas."""
+
 import copy
 
 import pytest
@@ -22,7 +23,10 @@ def test_all_cluster_configs_pass():
 def test_manifests_use_the_real_entry_points_and_config(docs):
     jobs = {d["metadata"]["name"]: d for d in docs.values() if d["kind"] == "RayJob"}
     assert set(jobs) == {"textclf-train", "textclf-evaluate"}
-    assert "python -m ray_jobs.train --config /app/configs/llama3-8b-gpu.yaml" in jobs["textclf-train"]["spec"]["entrypoint"]
+    assert (
+        "python -m ray_jobs.train --config /app/configs/llama3-8b-gpu.yaml"
+        in jobs["textclf-train"]["spec"]["entrypoint"]
+    )
     assert "python -m ray_jobs.evaluate" in jobs["textclf-evaluate"]["spec"]["entrypoint"]
     assert [d["kind"] for d in docs.values()].count("RayService") == 1
 
@@ -31,13 +35,16 @@ def _job(docs):
     return copy.deepcopy(next(d for d in docs.values() if d["metadata"]["name"] == "textclf-train"))
 
 
-@pytest.mark.parametrize("entrypoint, problem", [
-    ("python -m ray_jobs.trian --config /app/configs/llama3-8b-gpu.yaml", "no such step"),
-    ("python train.py", "expected `python -m ray_jobs"),
-    ("python -m ray_jobs.train --config /app/configs/nope.yaml", "not in the image"),
-    ("python -m ray_jobs.train --num-wrkers 8", "do not parse"),
-    ("python -m ray_jobs.export --name x && python -m ray_jobs.evalute --name x", "no such step"),
-])
+@pytest.mark.parametrize(
+    "entrypoint, problem",
+    [
+        ("python -m ray_jobs.trian --config /app/configs/llama3-8b-gpu.yaml", "no such step"),
+        ("python train.py", "expected `python -m ray_jobs"),
+        ("python -m ray_jobs.train --config /app/configs/nope.yaml", "not in the image"),
+        ("python -m ray_jobs.train --num-wrkers 8", "do not parse"),
+        ("python -m ray_jobs.export --name x && python -m ray_jobs.evalute --name x", "no such step"),
+    ],
+)
 def test_a_wrong_entry_point_is_caught(docs, entrypoint, problem):
     job = _job(docs)
     job["spec"]["entrypoint"] = entrypoint
@@ -51,7 +58,9 @@ def test_a_wrong_gpu_key_image_or_version_is_caught(docs):
     worker["resources"]["limits"]["gpu"] = worker["resources"]["limits"].pop("nvidia.com/gpu")
     assert any("GPU resource key" in e for e in validate.check_rayjob(job))
     job = _job(docs)
-    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = "rayproject/ray:2.60.0"
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] = (
+        "rayproject/ray:2.60.0"
+    )
     assert any("not the project's GPU image" in e for e in validate.check_rayjob(job))
     job = _job(docs)
     job["spec"]["rayClusterSpec"]["rayVersion"] = "2.52.0"
@@ -86,8 +95,9 @@ def test_render_splices_only_the_serve_config_block():
 
 def test_render_merges_by_name_and_refuses_unknown_names():
     base = {"applications": [{"name": "a", "args": {"x": 1, "y": 2}}]}
-    assert render.merge(base, {"applications": [{"name": "a", "args": {"y": 3}}]}) == \
-        {"applications": [{"name": "a", "args": {"x": 1, "y": 3}}]}
+    assert render.merge(base, {"applications": [{"name": "a", "args": {"y": 3}}]}) == {
+        "applications": [{"name": "a", "args": {"x": 1, "y": 3}}]
+    }
     with pytest.raises(ValueError):
         render.merge(base, {"applications": [{"name": "b"}]})
 
@@ -106,8 +116,10 @@ def test_launcher_config_checks():
 def test_local_cluster_reads_active_nodes_from_ray_status():
     from cluster import local
 
-    status = ("======== Autoscaler status ========\nNode status\n------\nActive:\n 1 node_aa11\n 1 node_bb22\n"
-              "Pending:\n (no pending nodes)\n")
+    status = (
+        "======== Autoscaler status ========\nNode status\n------\nActive:\n 1 node_aa11\n 1 node_bb22\n"
+        "Pending:\n (no pending nodes)\n"
+    )
     assert local._active_nodes(status) == 2
     assert local._active_nodes("Active:\n (no active nodes)\n") == 0
     lo, hi = local.free_range(10)
@@ -119,12 +131,15 @@ def test_a_manifest_that_turns_token_auth_on_without_a_token_fails(docs):
     cluster = job["spec"]["rayClusterSpec"]
     del cluster["authOptions"]  # KubeRay no longer makes and mounts the token
     cluster["headGroupSpec"]["template"]["spec"]["containers"][0].setdefault("env", []).append(
-        {"name": "RAY_AUTH_MODE", "value": "token"})
+        {"name": "RAY_AUTH_MODE", "value": "token"}
+    )
     errors = validate.check_rayjob(job)
     assert any("token auth is on" in e and "head" in e for e in errors), errors
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         for c in group["template"]["spec"]["containers"]:
-            c.setdefault("env", []).append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "t"}}})
+            c.setdefault("env", []).append(
+                {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "t"}}}
+            )
     assert not [e for e in validate.check_rayjob(job) if "token" in e]
 
 

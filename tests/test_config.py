@@ -59,9 +59,18 @@ def test_cli_error_exits(capsys):
 
 ENTRY_POINTS = ("prepare", "train", "export", "evaluate", "pipeline")
 # A value for each aliased key, as typed on the command line or in YAML.
-ALIAS_VALUES = {"model": "some/model", "max_length": "77", "hf_dataset": "some/dataset", "hf_config": "cfg",
-                "text_field": "utterance", "target_modules": "q_proj,v_proj", "num_epochs": "3",
-                "per_device_batch_size": "4", "lr_scheduler": "linear", "checkpoints_to_keep": "5"}
+ALIAS_VALUES = {
+    "model": "some/model",
+    "max_length": "77",
+    "hf_dataset": "some/dataset",
+    "hf_config": "cfg",
+    "text_field": "utterance",
+    "target_modules": "q_proj,v_proj",
+    "num_epochs": "3",
+    "per_device_batch_size": "4",
+    "lr_scheduler": "linear",
+    "checkpoints_to_keep": "5",
+}
 
 
 def _flat(text: str) -> str:
@@ -99,8 +108,13 @@ def test_help_lists_every_key_with_type_default_and_help(step, capsys, monkeypat
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         assert f"(default {_flat(_shown(default))}" in block and _flat(f.metadata["help"]) in block, block
         assert f"{section} keys:" in out
-    for option, metavar in (("--learning-rate", "FLOAT"), ("--use-gpu", "[BOOL]"), ("--labels", "LIST"),
-                            ("--max-train-examples", "INT"), ("--model", "STR")):
+    for option, metavar in (
+        ("--learning-rate", "FLOAT"),
+        ("--use-gpu", "[BOOL]"),
+        ("--labels", "LIST"),
+        ("--max-train-examples", "INT"),
+        ("--model", "STR"),
+    ):
         assert blocks[option].startswith(f"{option} {metavar} (default"), blocks[option]
     for alias in (*ALIASES, *SWITCHES, *NO_EQUIVALENT):
         assert alias in out
@@ -132,8 +146,13 @@ def test_alias_equals_its_key_on_the_cli_and_in_yaml(alias, tmp_path):
 def test_alias_and_key_with_different_values_are_refused(alias, tmp_path):
     key = ALIASES[alias]
     value = ALIAS_VALUES[key]
-    other = {"target_modules": "k_proj", "max_length": "78", "num_epochs": "2", "per_device_batch_size": "2",
-             "checkpoints_to_keep": "1"}.get(key, "other")
+    other = {
+        "target_modules": "k_proj",
+        "max_length": "78",
+        "num_epochs": "2",
+        "per_device_batch_size": "2",
+        "checkpoints_to_keep": "1",
+    }.get(key, "other")
     assert load_config(overrides={alias: value, key: value}) == load_config(overrides={key: value})
     with pytest.raises(ValueError, match="both set"):
         load_config(overrides={alias: value, key: other})
@@ -162,9 +181,15 @@ def test_alias_blocks_the_kinds_default():
 
 @pytest.mark.parametrize(
     "given, precision",
-    [({"bf16": "true"}, "bf16"), ({"fp16": True}, "fp16"), ({"bf16": False}, "fp32"),
-     ({"bf16": "false", "fp16": "true"}, "fp16"), ({"bf16": True, "precision": "bf16"}, "bf16"),
-     ({"train.bf16": True}, "bf16"), ({"use_peft": "true"}, "auto")],
+    [
+        ({"bf16": "true"}, "bf16"),
+        ({"fp16": True}, "fp16"),
+        ({"bf16": False}, "fp32"),
+        ({"bf16": "false", "fp16": "true"}, "fp16"),
+        ({"bf16": True, "precision": "bf16"}, "bf16"),
+        ({"train.bf16": True}, "bf16"),
+        ({"use_peft": "true"}, "auto"),
+    ],
 )
 def test_precision_switches_and_use_peft(given, precision):
     assert load_config(overrides=given).train.precision == precision
@@ -172,18 +197,22 @@ def test_precision_switches_and_use_peft(given, precision):
 
 def test_bare_switch_flag_and_bad_switches():
     assert parse_args(["--bf16"]).train.precision == "bf16"
-    for given, message in [({"bf16": True, "fp16": True}, "both true"),
-                           ({"bf16": True, "precision": "fp32"}, "both set"),
-                           ({"use_peft": False}, "always trains a LoRA"),
-                           ({"lora.bf16": True}, "belongs to section")]:
+    for given, message in [
+        ({"bf16": True, "fp16": True}, "both true"),
+        ({"bf16": True, "precision": "fp32"}, "both set"),
+        ({"use_peft": False}, "always trains a LoRA"),
+        ({"lora.bf16": True}, "belongs to section"),
+    ]:
         with pytest.raises(ValueError, match=message):
             load_config(overrides=given)
 
 
 def test_trl_yaml_unknown_keys_are_listed_together(tmp_path, capsys):
     y = tmp_path / "trl.yaml"
-    y.write_text("model_name_or_path: some/model\nnum_train_epochs: 2\nbf16: true\nuse_peft: true\n"
-                 "output_dir: out/sft\nlogging_dir: logs\npush_to_hub: false\n")
+    y.write_text(
+        "model_name_or_path: some/model\nnum_train_epochs: 2\nbf16: true\nuse_peft: true\n"
+        "output_dir: out/sft\nlogging_dir: logs\npush_to_hub: false\n"
+    )
     with pytest.raises(ValueError, match="unknown config keys") as e:
         load_config(str(y))
     assert all(k in str(e.value) for k in ("'output_dir'", "'logging_dir'", "'push_to_hub'", "set runs_dir and name"))

@@ -1,4 +1,5 @@
 """The console filter and the run log (ray_jobs/console.py), without Ray: lines and records in, console and file out."""
+
 import io
 import logging
 import sys
@@ -11,22 +12,29 @@ CYAN, RESET = "\x1b[36m", "\x1b[0m"
 WORKER = f"{CYAN}(RayTrainWorker pid=8247){RESET} "
 
 
-@pytest.mark.parametrize("line, shown", [
-    (WORKER + "[train] rank 0 on node 4bd7c15f pid 8247", True),
-    (WORKER + "[train] step 10/140, loss 2.31, elapsed 41s, left ~532s", True),
-    (f"{CYAN}(RayTrainWorker pid=8247, ip=10.0.0.2){RESET} [train] resuming from /tmp/ckpt", True),
-    (f"{CYAN}(MapWorker(MapBatches(Tokenize)) pid=9228){RESET} [plan] 2 workers", True),
-    (f"{CYAN}(PlacementGroupCleaner pid=8145){RESET} Failed to query Ray Train Controller actor state. State API "
-     "may be temporarily unavailable. Continuing to monitor.", False),
-    (WORKER + "{'loss': 2.31, 'grad_norm': 0.8, 'learning_rate': 0.001, 'epoch': 0.1}", False),
-    (WORKER + "[transformers] LlamaForSequenceClassification LOAD REPORT", False),
-    (f"{CYAN}(raylet){RESET} [train] a tag after Ray's own prefix", True),
-    ("2026-12-02 19:45:50,377\tINFO logging_progress.py:225 -- Total Progress: 0/?", False),
-    ("2026-12-02 19:45:39,831\tWARNING util.py:650 -- The argument ``concurrency`` is deprecated", False),
-    ("2026-12-02 19:45:39,831\tERROR streaming_executor.py:300 -- Operator failed", True),
-    ("Loading weights: 100%|##########| 272/272", False),
-    ("[train] a tag that no worker prefix carries", True),
-])
+@pytest.mark.parametrize(
+    "line, shown",
+    [
+        (WORKER + "[train] rank 0 on node 4bd7c15f pid 8247", True),
+        (WORKER + "[train] step 10/140, loss 2.31, elapsed 41s, left ~532s", True),
+        (f"{CYAN}(RayTrainWorker pid=8247, ip=10.0.0.2){RESET} [train] resuming from /tmp/ckpt", True),
+        (f"{CYAN}(MapWorker(MapBatches(Tokenize)) pid=9228){RESET} [plan] 2 workers", True),
+        (
+            f"{CYAN}(PlacementGroupCleaner pid=8145){RESET} "
+            "Failed to query Ray Train Controller actor state. State API "
+            "may be temporarily unavailable. Continuing to monitor.",
+            False,
+        ),
+        (WORKER + "{'loss': 2.31, 'grad_norm': 0.8, 'learning_rate': 0.001, 'epoch': 0.1}", False),
+        (WORKER + "[transformers] LlamaForSequenceClassification LOAD REPORT", False),
+        (f"{CYAN}(raylet){RESET} [train] a tag after Ray's own prefix", True),
+        ("2026-12-02 19:45:50,377\tINFO logging_progress.py:225 -- Total Progress: 0/?", False),
+        ("2026-12-02 19:45:39,831\tWARNING util.py:650 -- The argument ``concurrency`` is deprecated", False),
+        ("2026-12-02 19:45:39,831\tERROR streaming_executor.py:300 -- Operator failed", True),
+        ("Loading weights: 100%|##########| 272/272", False),
+        ("[train] a tag that no worker prefix carries", True),
+    ],
+)
 def test_which_lines_reach_the_console(line, shown):
     assert console.shows(line, from_project=False) is shown
 
@@ -55,8 +63,10 @@ def test_every_line_goes_to_the_file_and_only_user_facing_ones_to_the_console(tm
     out.write("\n", from_project=True)
     log.close()
     shown = real.getvalue().splitlines()
-    assert shown == [WORKER + "[train] start: world_size 1, 2 threads, step 0/140, 16 examples per step",
-                     "run tiny: runs/tiny"]
+    assert shown == [
+        WORKER + "[train] start: world_size 1, 2 threads, step 0/140, 16 examples per step",
+        "run tiny: runs/tiny",
+    ]
     text = (tmp_path / "logs" / "pipeline.log").read_text()
     lines = text.splitlines()
     assert lines[0].startswith("==== ")  # a header per attempt: a resumed run appends
@@ -101,14 +111,17 @@ def test_a_last_line_without_newline_reaches_the_file_at_exit(tmp_path):
     assert (tmp_path / "x.log").read_text().splitlines()[-1] == "no newline"
 
 
-@pytest.mark.parametrize("name, level, shown", [
-    ("ray_jobs.evaluate", logging.WARNING, True),
-    ("textclf.storage", logging.WARNING, True),
-    ("ray_jobs", logging.INFO, False),
-    ("ray.data", logging.WARNING, False),
-    ("transformers.trainer", logging.ERROR, True),
-    ("mlflow.tracking", logging.INFO, False),
-])
+@pytest.mark.parametrize(
+    "name, level, shown",
+    [
+        ("ray_jobs.evaluate", logging.WARNING, True),
+        ("textclf.storage", logging.WARNING, True),
+        ("ray_jobs", logging.INFO, False),
+        ("ray.data", logging.WARNING, False),
+        ("transformers.trainer", logging.ERROR, True),
+        ("mlflow.tracking", logging.INFO, False),
+    ],
+)
 def test_which_log_records_reach_the_console(name, level, shown):
     record = logging.LogRecord(name, level, __file__, 1, "msg", None, None)
     assert console.user_facing(record) is shown
@@ -144,7 +157,10 @@ def test_the_worker_hook_drops_only_the_cleaner_state_api_warning():
     before = list(logger.filters)
     try:
         console.quiet_ray_workers()
-        make = lambda msg: logging.LogRecord(logger.name, logging.WARNING, __file__, 1, msg, None, None)
+
+        def make(msg):
+            return logging.LogRecord(logger.name, logging.WARNING, __file__, 1, msg, None, None)
+
         assert not logger.filter(make("Failed to query Ray Train Controller actor state. State API may be ..."))
         assert logger.filter(make("Detected that the Ray Train controller actor (x) is dead."))
     finally:

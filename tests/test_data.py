@@ -8,7 +8,7 @@ from textclf.sources import load_splits
 
 
 def write(path, lines):
-    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     return str(path)
 
 
@@ -76,13 +76,13 @@ def test_class_too_small_for_stratified_split():
 
 
 def test_stratified_split_is_seeded_and_keeps_every_class():
-    rows = [ex(f"{l}{i}", l, i) for l in "abc" for i in range(20)]
+    rows = [ex(f"{lab}{i}", lab, i) for lab in "abc" for i in range(20)]
     rest1, held1 = stratified_split(rows, 0.25, seed=1)
     rest2, held2 = stratified_split(rows, 0.25, seed=1)
     _, held3 = stratified_split(rows, 0.25, seed=2)
     assert held1 == held2 and held1 != held3
     assert {e.label for e in held1} == set("abc")
-    assert all(sum(e.label == l for e in held1) == 5 for l in "abc")
+    assert all(sum(e.label == lab for e in held1) == 5 for lab in "abc")
     assert not {e.text for e in held1} & {e.text for e in rest1}
     assert len(subsample(rows, 9, seed=0)) == 9
 
@@ -115,10 +115,14 @@ def test_hf_dataset_from_disk_with_classlabel(tmp_path):
     import datasets
 
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
-    ds = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features=features),
-        "test": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features),
-    })
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}, features=features
+            ),
+            "test": datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}, features=features),
+        }
+    )
     ds.save_to_disk(tmp_path / "hf")
     splits = load_splits(DataConfig(hf_dataset=str(tmp_path / "hf")))
     assert splits.labels == ["neg", "pos"] and len(splits.test) == 2 and len(splits.validation) == 2
@@ -131,19 +135,28 @@ def test_hf_classlabel_minus_one_is_an_error_naming_split_and_row(tmp_path):
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
     train = {"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]}
     train["label"][4] = -1
-    ds = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict(train, features=features),
-        # Hub test splits often come unlabelled: -1 must not become the last class
-        "test": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, -1, -1]}, features=features),
-    })
+    ds = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(train, features=features),
+            # Hub test splits often come unlabelled: -1 must not become the last class
+            "test": datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, -1, -1]}, features=features),
+        }
+    )
     ds.save_to_disk(tmp_path / "hf")
     with pytest.raises(DataValidationError) as e:
         load_splits(DataConfig(hf_dataset=str(tmp_path / "hf")))
     errors = e.value.errors
-    assert any("[train]:5: field 'label': label -1 is not one of the ClassLabel's 2 classes (-1: an unlabelled row)"
-               in m for m in errors)
-    assert any(m.endswith("[test]: 2 unlabelled row(s) (label -1, as in many Hub test splits): a split to train or "
-                          "score on needs a label on every row; drop them (e.g. ds.filter(lambda r: r['label'] != -1), "
-                          "then save_to_disk and point hf_dataset at that folder)") for m in errors)
+    assert any(
+        "[train]:5: field 'label': label -1 is not one of the ClassLabel's 2 classes (-1: an unlabelled row)" in m
+        for m in errors
+    )
+    assert any(
+        m.endswith(
+            "[test]: 2 unlabelled row(s) (label -1, as in many Hub test splits): a split to train or "
+            "score on needs a label on every row; drop them (e.g. ds.filter(lambda r: r['label'] != -1), "
+            "then save_to_disk and point hf_dataset at that folder)"
+        )
+        for m in errors
+    )
     assert sum(f"[test]:{row}: field 'label': label -1" in m for m in errors for row in (2, 3)) == 2
     assert len(errors) == 5  # every split's problems in one report (a hint per split, then its rows)

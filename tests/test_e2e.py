@@ -1,13 +1,15 @@
 """The real stack end to end on a small subset: local Ray, Ray Data, 2 Ray Train workers running TRL SFTTrainer
 with LoRA on SmolLM2-135M, the merge, and a vLLM CPU engine evaluating over Ray Data. One pipeline run is shared
 by the tests below (and by the serving tests); the resume test then continues that run through the pipeline."""
+
 import json
 import os
 
 import pytest
-
 from conftest import SMALL, run_step
+
 pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def pipeline_run(tiny_pipeline):
@@ -18,8 +20,21 @@ def test_pipeline_prints_macro_f1_and_writes_report(pipeline_run):
     runs, run, out = pipeline_run
     assert "macro_f1=" in out
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("macro_f1", "weighted_f1", "accuracy", "n", "per_class", "confusion_matrix", "prompts_per_second",
-                "ece", "calibration", "abstain", "in_scope_accuracy", "abstain_rate", "answered_accuracy"):
+    for key in (
+        "macro_f1",
+        "weighted_f1",
+        "accuracy",
+        "n",
+        "per_class",
+        "confusion_matrix",
+        "prompts_per_second",
+        "ece",
+        "calibration",
+        "abstain",
+        "in_scope_accuracy",
+        "abstain_rate",
+        "answered_accuracy",
+    ):
         assert key in metrics
     assert metrics["abstain"]["validation"]["n"] == metrics["n_validation"] > 0  # threshold chosen on validation
     for sub in ("merged", "adapter"):  # the chosen threshold is the server's default
@@ -39,9 +54,9 @@ def test_predictions_are_labels_with_probabilities(pipeline_run):
     _, run, _ = pipeline_run
     labels = set(json.loads((run / "adapter" / "classifier.json").read_text())["labels"])
     test_rows = (run / "data" / "test.jsonl").read_text().splitlines()
-    preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(test_rows) > 0
-    assert [p["text"] for p in preds] == [json.loads(l)["text"] for l in test_rows]
+    assert [p["text"] for p in preds] == [json.loads(line)["text"] for line in test_rows]
     for p in preds:
         assert p["predicted"] in labels and p["gold"] in labels
         assert 0.0 < p["probability"] <= 1.0 and isinstance(p["abstained"], bool)
@@ -86,7 +101,9 @@ def test_mlflow_run_has_params_and_metrics(pipeline_run):
 def test_bad_data_fails_before_training(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "banking"}\n{"text": "", "label": "banking"}\n{"text": "x"}\n')
-    proc = run_step("pipeline", "--runs-dir", str(tmp_path / "runs"), "--name", "bad", "--train-file", str(bad), timeout=300)
+    proc = run_step(
+        "pipeline", "--runs-dir", str(tmp_path / "runs"), "--name", "bad", "--train-file", str(bad), timeout=300
+    )
     assert proc.returncode == 2
     assert f"{bad}:2: field 'text': empty text" in proc.stderr
     assert f"{bad}:3: field 'label': missing label" in proc.stderr
@@ -105,6 +122,9 @@ def test_rerun_with_same_name_resumes_from_latest_checkpoint(pipeline_run):
     assert proc.returncode == 0, out[-6000:]
     assert "resuming from" in out
     assert "step 5/6" in out and "step 1/6" not in out  # continued, not restarted
-    steps = {json.loads(p.read_text())["global_step"] for p in (run / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json")}
+    steps = {
+        json.loads(p.read_text())["global_step"]
+        for p in (run / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json")
+    }
     assert 6 in steps
     assert (run / "merged" / "classifier.json").exists() and (run / "summary.json").exists()  # made again

@@ -1,20 +1,39 @@
 """The encoder kind end to end on the real stack: the bundled CLINC150 data (a few hundred rows), Ray Data
 tokenization, 2 Ray Train workers running the HF Trainer on all-MiniLM-L6-v2 with a LoRA adapter and a classification
 head, the merge, vLLM's pooling runner evaluating over Ray Data, then the same Serve app answering over HTTP."""
+
 import json
 import time
 
 import httpx
 import pytest
-
 from conftest import DOMAINS, ONE_REPLICA, TEST_ARGS, our_vllm_processes, run_step, shutdown_serve
 
 pytestmark = pytest.mark.e2e
 
 ENCODER_SMALL = [
-    "--model-kind", "encoder", "--max-train-examples", "300", "--max-eval-examples", "100",
-    "--num-workers", "2", "--per-device-batch-size", "16", "--num-epochs", "5", "--eval-steps", "25", "--save-steps", "25", "--logging-steps", "5",
-    "--kv-cache-gib", "0.25", "--max-num-seqs", "32",
+    "--model-kind",
+    "encoder",
+    "--max-train-examples",
+    "300",
+    "--max-eval-examples",
+    "100",
+    "--num-workers",
+    "2",
+    "--per-device-batch-size",
+    "16",
+    "--num-epochs",
+    "5",
+    "--eval-steps",
+    "25",
+    "--save-steps",
+    "25",
+    "--logging-steps",
+    "5",
+    "--kv-cache-gib",
+    "0.25",
+    "--max-num-seqs",
+    "32",
 ]
 
 
@@ -37,7 +56,7 @@ def test_encoder_trains_on_two_workers_and_evaluates(encoder_pipeline):
     assert set(metrics["per_class"]) == set(DOMAINS) and metrics["n"] == 100
     # 300 examples, 5 epochs: far above the 0.1 of chance (measured 0.83); a broken head or label map stays near 0.1
     assert metrics["macro_f1"] >= 0.6, metrics["macro_f1"]
-    preds = [json.loads(l) for l in (run / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 100 and all(p["predicted"] in DOMAINS and 0 < p["probability"] <= 1 for p in preds)
     report = json.loads((run / "data_report.json").read_text())
     assert report["tokens"]["train"]["rows"] == 300 and report["max_length"] == 64
@@ -63,8 +82,11 @@ def encoder_app(encoder_pipeline, cluster):  # the pipeline (its own Ray) finish
     from serve_app.app import app_from_config
 
     t0 = time.time()
-    serve.run(app_from_config(run=str(encoder_pipeline[0]), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
-              name="textclf", route_prefix="/")
+    serve.run(
+        app_from_config(run=str(encoder_pipeline[0]), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
+        name="textclf",
+        route_prefix="/",
+    )
     print(f"\n[encoder] app up in {time.time() - t0:.1f}s")
     with httpx.Client(base_url=cluster["url"], timeout=120) as client:
         yield client
@@ -93,8 +115,10 @@ def test_encoder_served_predictions_match_evaluation(encoder_app, encoder_pipeli
     from serve_app.check import agreement
 
     res = agreement(encoder_app, encoder_pipeline[0], batch=40)
-    print(f"[encoder] agreement with the evaluation job: {res['agree']}/{res['n']} = {res['rate']:.2%}, "
-          f"max |p diff| {res['max_prob_diff']:.4f}")
+    print(
+        f"[encoder] agreement with the evaluation job: {res['agree']}/{res['n']} = {res['rate']:.2%}, "
+        f"max |p diff| {res['max_prob_diff']:.4f}"
+    )
     assert res["n"] == 100 and res["rate"] >= 0.99
 
 

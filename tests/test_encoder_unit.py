@@ -1,5 +1,6 @@
 """The encoder kind's pieces that need no Ray and no engine: per-kind defaults, tokenization and truncation, label ids,
 the mapping of vLLM's class probabilities, the serving plan."""
+
 import json
 
 import numpy as np
@@ -27,8 +28,14 @@ def test_kind_defaults_and_overrides():
     enc = load_config(overrides={"model-kind": "encoder"})
     assert enc.model.model == "all-minilm-l6-v2" and enc.lora.target_modules == ["query", "key", "value", "dense"]
     assert enc.model.max_length is None and enc.train.num_epochs == 5.0 and enc.train.time_budget == "20m"
-    given = load_config(overrides={"model.model_kind": "encoder", "model": "some/bert", "max-steps": "7",
-                                   "target_modules": "query,value"})
+    given = load_config(
+        overrides={
+            "model.model_kind": "encoder",
+            "model": "some/bert",
+            "max-steps": "7",
+            "target_modules": "query,value",
+        }
+    )
     assert given.model.model == "some/bert" and given.train.max_steps == 7
     assert given.lora.target_modules == ["query", "value"]
 
@@ -70,7 +77,11 @@ def test_label_maps_and_result():
     maps = label_maps(LABELS)
     assert maps["num_labels"] == 3 and maps["id2label"][2] == "work" and maps["label2id"]["travel"] == 1
     r = result(LABELS, [0.1, 0.7, 0.2])
-    assert r["label"] == "travel" and r["confidence"] == 0.7 and r["scores"] == {"banking": 0.1, "travel": 0.7, "work": 0.2}
+    assert (
+        r["label"] == "travel"
+        and r["confidence"] == 0.7
+        and r["scores"] == {"banking": 0.1, "travel": 0.7, "work": 0.2}
+    )
     with pytest.raises(RuntimeError, match="2 classes for 3 labels"):
         result(LABELS, [0.5, 0.5])
 
@@ -78,8 +89,13 @@ def test_label_maps_and_result():
 def _exported(folder, kind):
     folder.mkdir(parents=True)
     fmt = PromptFormat(labels=LABELS, max_length=64)
-    meta = {"kind": kind, "model_kind": "encoder", "base_model": "all-minilm-l6-v2", "labels": list(LABELS),
-            "prompt": fmt.to_dict()}
+    meta = {
+        "kind": kind,
+        "model_kind": "encoder",
+        "base_model": "all-minilm-l6-v2",
+        "labels": list(LABELS),
+        "prompt": fmt.to_dict(),
+    }
     (folder / "classifier.json").write_text(json.dumps(meta))
     (folder / "adapter_config.json").write_text(json.dumps({"r": 16}))
 
@@ -110,8 +126,9 @@ def test_trainer_initialization_follows_the_seed(tmp_path):
     def start(seed: int, before: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(before)  # the RNG state left by whatever ran before must not matter
         cfg = load_config(None, {"model_kind": "encoder", "seed": str(seed)})
-        trainer = build_trainer(cfg, resolve_model(cfg.model.model), rows, None, str(tmp_path / f"s{seed}"),
-                                labels=list(LABELS))
+        trainer = build_trainer(
+            cfg, resolve_model(cfg.model.model), rows, None, str(tmp_path / f"s{seed}"), labels=list(LABELS)
+        )
         return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
 
     a, b, c = start(1, before=5), start(1, before=6), start(2, before=5)

@@ -1,5 +1,6 @@
 """The load tester against a small real HTTP server (aiohttp, in-process): request counting, stop conditions,
 errors by status, labels, the open loop's pacing, the JSON and PNG it writes."""
+
 import asyncio
 import json
 
@@ -90,8 +91,15 @@ def test_measure_writes_json_and_plot(tmp_path):
     t.start()
     ready.wait(10)
     try:
-        r = measure(textclf_target(holder["url"], ["one", "two words"]), "t", tmp_path, concurrency=2, duration=0.5,
-                    warmup=0.2, progress=0)
+        r = measure(
+            textclf_target(holder["url"], ["one", "two words"]),
+            "t",
+            tmp_path,
+            concurrency=2,
+            duration=0.5,
+            warmup=0.2,
+            progress=0,
+        )
     finally:
         asyncio.run_coroutine_threadsafe(holder["runner"].cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)

@@ -63,6 +63,7 @@ def test_choice_output_probability_and_refusal():
 
 # -- calibration and abstention ---------------------------------------------------------------------------------
 
+
 def test_ece_of_a_calibrated_toy_case_is_zero():
     # ten rows at 0.8 with eight right, ten at 0.3 with three right: accuracy equals confidence in both bins
     gold = ["a"] * 20
@@ -107,10 +108,19 @@ def test_reliability_plot_and_report_sections(tmp_path):
     plot_reliability(cal, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     m = compute_metrics(gold, pred, ["a", "b"])
-    choice = {"threshold": 0.65, "target": "auto", "oos_label": None, "note": None,
-              "validation": abstain_figures(gold, pred, prob, 0.65)}
-    write_report(m, [], tmp_path, {"ece": cal["ece"], "calibration": cal["bins"], "abstain": choice,
-                                   **abstain_figures(gold, pred, prob, 0.65)})
+    choice = {
+        "threshold": 0.65,
+        "target": "auto",
+        "oos_label": None,
+        "note": None,
+        "validation": abstain_figures(gold, pred, prob, 0.65),
+    }
+    write_report(
+        m,
+        [],
+        tmp_path,
+        {"ece": cal["ece"], "calibration": cal["bins"], "abstain": choice, **abstain_figures(gold, pred, prob, 0.65)},
+    )
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     report = (tmp_path / "report.md").read_text()
     assert "## Calibration" in report and "## Out of scope and abstention" in report and "threshold: 0.65" in report
@@ -125,8 +135,12 @@ def test_batch_classifier_passes_row_tags_through():
 
     clf = object.__new__(BatchClassifier)
     clf.classify = lambda texts: [{"label": "a", "confidence": 0.5, "truncated": False} for _ in texts]
-    batch = {"text": np.array(["x", "y"]), "label": np.array(["a", "b"]), "split": np.array(["validation", "test"]),
-             "row": np.array([3, 0])}
+    batch = {
+        "text": np.array(["x", "y"]),
+        "label": np.array(["a", "b"]),
+        "split": np.array(["validation", "test"]),
+        "row": np.array([3, 0]),
+    }
     out = clf(batch)
     assert out["split"] == ["validation", "test"] and out["row"] == [3, 0] and out["gold"] == ["a", "b"]
     assert out["predicted"] == ["a", "a"] and "label" not in out

@@ -1,5 +1,6 @@
 """The run's plan from the data: durations, max_length from token lengths, steps and cadence from the data size or a
 time budget (textclf/plan.py), and the prompt format fitted by each model kind."""
+
 import json
 import math
 from types import SimpleNamespace
@@ -90,8 +91,9 @@ def test_any_label_set_fits_and_every_label_is_scored_in_one_step(tokenizer, n, 
 def test_the_bundled_task_keeps_its_label_names_listed(tokenizer):
     texts = [json.loads(line)["text"] for line in (PROJECT_ROOT / "data/clinc150/train.jsonl").open()]
     labels = sorted({json.loads(line)["label"] for line in (PROJECT_ROOT / "data/clinc150/train.jsonl").open()})
-    fmt, info = get_kind("generative").fit_format(PromptFormat(labels=tuple(labels)), tokenizer, texts,
-                                                  load_config().model)
+    fmt, info = get_kind("generative").fit_format(
+        PromptFormat(labels=tuple(labels)), tokenizer, texts, load_config().model
+    )
     assert fmt.answers is None and fmt.list_labels and info["texts_cut"] == 0
     assert info["max_length"] < 256
 
@@ -123,8 +125,10 @@ def test_the_step_probe_measures_without_training(tmp_path):
     rows = [json.loads(line) for line in (PROJECT_ROOT / "data/clinc150/train.jsonl").open()][:32]
     labels = sorted({r["label"] for r in rows})
     fmt, _ = kind.fit_format(PromptFormat(labels=tuple(labels)), tok, [r["text"] for r in rows], cfg.model)
-    train = [{"input_ids": e.input_ids, **extra} for e, extra in
-             (kind.training_row(tok, fmt, r["text"], r["label"]) for r in rows)]
+    train = [
+        {"input_ids": e.input_ids, **extra}
+        for e, extra in (kind.training_row(tok, fmt, r["text"], r["label"]) for r in rows)
+    ]
     trainer = kind.build_trainer(cfg, path, train, train[:8], str(tmp_path), labels=labels)
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
     seconds = measure_step_seconds(trainer)

@@ -1,5 +1,6 @@
 """A run's reports and exported model in MLflow (textclf/tracking.py), offline: a fake run folder, a file store in a
 temporary folder, the model registered and resolved back from models:/<name>/<version> to a folder."""
+
 import json
 
 import pytest

@@ -1,5 +1,6 @@
 """A run name holds one run (textclf/runs.py, ray_jobs/common.py start_run): a rerun that differs is refused unless
 asked to resume or overwrite, and an earlier attempt's outputs never pass for the new run's. No Ray, no training."""
+
 import json
 
 import pytest
@@ -11,16 +12,28 @@ from textclf.config import load_config
 from textclf.runs import RunConflictError
 from textclf.sources import load_splits
 
-STALE = ["adapter/classifier.json", "merged/classifier.json", "metrics.json", "report.md", "predictions.jsonl",
-         "confusion_matrix.png", "summary.json", "train_metrics.json", "train_output.json"]
+STALE = [
+    "adapter/classifier.json",
+    "merged/classifier.json",
+    "metrics.json",
+    "report.md",
+    "predictions.jsonl",
+    "confusion_matrix.png",
+    "summary.json",
+    "train_metrics.json",
+    "train_output.json",
+]
 CHECKPOINT = "ray_train/checkpoint_000001/checkpoint/adapter_model.safetensors"
 
 
 def write_data(folder, labels=("a", "b"), extra=""):
     folder.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", 10), ("validation", 2), ("test", 2)):
-        rows = [{"text": f"{split} {label} {i}{extra if split == 'train' else ''}", "label": label}
-                for label in labels for i in range(n)]
+        rows = [
+            {"text": f"{split} {label} {i}{extra if split == 'train' else ''}", "label": label}
+            for label in labels
+            for i in range(n)
+        ]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {f"{s}_file": str(folder / f"{s}.jsonl") for s in ("train", "validation", "test")}
 

@@ -6,6 +6,7 @@ served predictions are compared with the evaluation job's, then the engine is ki
 second app on the same cluster serves two LoRA adapters from one engine. Last, Serve shuts down and no vLLM
 process of this module may remain.
 """
+
 import asyncio
 import json
 import os
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import ONE_REPLICA, TEST_ARGS, our_vllm_processes, shutdown_serve
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def app(cluster, tiny_run):
@@ -29,8 +30,11 @@ def app(cluster, tiny_run):
     from serve_app.app import app_from_config
 
     t0 = time.time()
-    serve.run(app_from_config(run=str(tiny_run), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
-              name="textclf", route_prefix="/")
+    serve.run(
+        app_from_config(run=str(tiny_run), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
+        name="textclf",
+        route_prefix="/",
+    )
     print(f"\n[serve] merged app up in {time.time() - t0:.1f}s")
     with httpx.Client(base_url=cluster["url"], timeout=120) as client:
         yield client
@@ -42,6 +46,7 @@ def labels(tiny_run):
 
 
 # -- endpoints --------------------------------------------------------------------------------------------------
+
 
 def test_classify(app, labels):
     t0 = time.perf_counter()
@@ -108,8 +113,11 @@ BAD = [
     ("lone surrogate", {"content": b'{"text": "\\ud800"}', "headers": {"content-type": "application/json"}}, 422),
     ("invisible text", {"json": {"text": "\u200b\u2060"}}, 422),
     ("threshold as a string", {"json": {"text": "hi", "abstain_threshold": "0.5"}}, 422),
-    ("deeply nested", {"content": b'{"text": ' + b"[" * 20000 + b"]" * 20000 + b"}",
-                       "headers": {"content-type": "application/json"}}, 422),
+    (
+        "deeply nested",
+        {"content": b'{"text": ' + b"[" * 20000 + b"]" * 20000 + b"}", "headers": {"content-type": "application/json"}},
+        422,
+    ),
 ]
 
 
@@ -152,7 +160,7 @@ def test_metrics(app):
     assert 'textclf_requests_total{endpoint="/classify",status="200"}' in text
     assert 'textclf_requests_total{endpoint="/classify",status="422"}' in text
     assert 'textclf_request_latency_seconds_bucket{endpoint="/classify"' in text
-    assert 'textclf_predictions_total{label=' in text and 'model="tiny"' in text
+    assert "textclf_predictions_total{label=" in text and 'model="tiny"' in text
     assert "textclf_truncated_texts_total" in text
 
 
@@ -161,8 +169,10 @@ def test_served_predictions_match_evaluation(app, tiny_run):
     from serve_app.check import agreement
 
     res = agreement(app, tiny_run, batch=40)
-    print(f"[serve] agreement with the evaluation job: {res['agree']}/{res['n']} = {res['rate']:.2%}, "
-          f"max |p diff| {res['max_prob_diff']:.4f}")
+    print(
+        f"[serve] agreement with the evaluation job: {res['agree']}/{res['n']} = {res['rate']:.2%}, "
+        f"max |p diff| {res['max_prob_diff']:.4f}"
+    )
     assert res["n"] > 0 and res["rate"] >= 0.99
 
 
@@ -185,6 +195,7 @@ def test_engine_failure_gives_503_and_not_ready(app):
 
 # -- two adapters on one engine ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lora_app(cluster, tiny_run, tmp_path_factory):
     """`tickets`: the run's adapter. `legal`: a copy with another label set whose labels share their first token,
@@ -199,8 +210,13 @@ def lora_app(cluster, tiny_run, tmp_path_factory):
     meta["labels"] = meta["prompt"]["labels"] = ["contract dispute", "contract renewal", "privacy request"]
     (legal / "classifier.json").write_text(json.dumps(meta))
     t0 = time.time()
-    serve.run(app_from_config(adapters={"tickets": str(tiny_run), "legal": str(legal)}, **TEST_ARGS,
-                              deployment_overrides=ONE_REPLICA), name="textclf", route_prefix="/")
+    serve.run(
+        app_from_config(
+            adapters={"tickets": str(tiny_run), "legal": str(legal)}, **TEST_ARGS, deployment_overrides=ONE_REPLICA
+        ),
+        name="textclf",
+        route_prefix="/",
+    )
     print(f"\n[serve] LoRA app up in {time.time() - t0:.1f}s")
     with httpx.Client(base_url=cluster["url"], timeout=300) as client:
         yield client

@@ -1,6 +1,7 @@
 """serve_app/config.yaml as `serve run serve_app/config.yaml` reads it, without starting Serve: Serve's own schema
 accepts it (in a subprocess: importing ray.serve here would fix its settings for the serve tests), and its
 runtime_env holds only what an application can set."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ def _app() -> dict:
 
 
 def test_serve_accepts_the_config_as_written():
-    code = ("import sys, yaml; from ray.serve.schema import ServeDeploySchema; "
-            "ServeDeploySchema.model_validate(yaml.safe_load(open(sys.argv[1])))")
+    code = (
+        "import sys, yaml; from ray.serve.schema import ServeDeploySchema; "
+        "ServeDeploySchema.model_validate(yaml.safe_load(open(sys.argv[1])))"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(CONFIG)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -1,10 +1,12 @@
 """The Ray-free serving core: request validation, abstain and top-k, the classifier registry, error mapping and
 configuration, with a fake engine (no Ray, no vLLM engine)."""
+
 import asyncio
 import json
 
 import pytest
 from pydantic import ValidationError
+from serving_fakes import LABELS, make_classifiers
 
 from textclf.export import read_meta, update_meta, write_meta
 from textclf.prompts import PromptFormat
@@ -19,18 +21,32 @@ from textclf.serving import (
     resolve_plan,
 )
 
-from serving_fakes import LABELS, make_classifiers
-
 # -- request models ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("body", [
-    {"text": ""}, {"text": "   \n\t"}, {"text": 3}, {"text": None}, {"text": ["a"]}, {},
-    {"text": "ok", "model_path": "/etc/passwd"},  # unknown fields are refused: no request names a path
-    {"text": "ok", "abstain_threshold": 1.5}, {"text": "ok", "model": 7},
-    {"text": "\u200b"}, {"text": "\x00"}, {"text": "\u2060"}, {"text": " \ufeff\u200b\n"}, {"text": "\u3164"},
-    {"text": "\ud800"}, {"text": "ok \udc00"},  # lone surrogates: not Unicode text
-    {"text": "ok", "abstain_threshold": "0.5"}, {"text": "ok", "abstain_threshold": True},  # strict floats
-])
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"text": ""},
+        {"text": "   \n\t"},
+        {"text": 3},
+        {"text": None},
+        {"text": ["a"]},
+        {},
+        {"text": "ok", "model_path": "/etc/passwd"},  # unknown fields are refused: no request names a path
+        {"text": "ok", "abstain_threshold": 1.5},
+        {"text": "ok", "model": 7},
+        {"text": "\u200b"},
+        {"text": "\x00"},
+        {"text": "\u2060"},
+        {"text": " \ufeff\u200b\n"},
+        {"text": "\u3164"},
+        {"text": "\ud800"},
+        {"text": "ok \udc00"},  # lone surrogates: not Unicode text
+        {"text": "ok", "abstain_threshold": "0.5"},
+        {"text": "ok", "abstain_threshold": True},  # strict floats
+    ],
+)
 def test_classify_request_rejects(body):
     with pytest.raises(ValidationError):
         ClassifyRequest.model_validate(body)
@@ -44,15 +60,25 @@ def test_classify_request_accepts():
     assert ClassifyRequest.model_validate({"text": "x", "abstain_threshold": 1}).abstain_threshold == 1.0
 
 
-@pytest.mark.parametrize("body", [{"texts": []}, {"texts": "abc"}, {"texts": ["a", ""]}, {"texts": ["a", 1]},
-                                  {"texts": ["a", "\u200b"]}, {"texts": ["\ud800"]},
-                                  {"texts": ["a"], "abstain_threshold": "0.5"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"texts": []},
+        {"texts": "abc"},
+        {"texts": ["a", ""]},
+        {"texts": ["a", 1]},
+        {"texts": ["a", "\u200b"]},
+        {"texts": ["\ud800"]},
+        {"texts": ["a"], "abstain_threshold": "0.5"},
+    ],
+)
 def test_batch_request_rejects(body):
     with pytest.raises(ValidationError):
         BatchRequest.model_validate(body)
 
 
 # -- abstain / top-k --------------------------------------------------------------------------------------------
+
 
 def test_abstain():
     r = {"label": "travel", "confidence": 0.4, "scores": {"travel": 0.4, "banking": 0.35}}
@@ -64,6 +90,7 @@ def test_abstain():
 
 
 # -- the classify core with a fake engine -----------------------------------------------------------------------
+
 
 def _core(tokenizer, meta=None, **cfg):
     return make_classifiers(tokenizer, meta, **cfg)
@@ -137,6 +164,7 @@ def test_classify_core_errors(core):
 
 
 # -- configuration and registry ---------------------------------------------------------------------------------
+
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValidationError):
@@ -253,8 +281,12 @@ def _affinity_probe(q) -> None:
     t = threading.Thread(target=stop.wait)  # a thread that was there before, like Ray's own
     t.start()
     with engine_on_its_cores(str(core)):
-        out = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     threads_after = [os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")]
     stop.set()
     t.join()

@@ -1,5 +1,6 @@
 """Run folders behind a URI (textclf/storage.py), with a real pyarrow filesystem: file:// works offline here;
 s3:// and gs:// go through the same pyarrow calls but could not be reached from this machine."""
+
 import fcntl
 import os
 import re
@@ -58,8 +59,9 @@ def test_serving_reads_a_run_behind_a_uri(tmp_path, monkeypatch):
 def test_replicas_are_pinned_to_the_uri_not_to_a_node_local_cache():
     from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan, pin_model
 
-    plan = ServingPlan("m", {"r1": ClassifierSpec("r1", {}, "/home/x/.cache/textclf/runs/s3/b/runs/r1/merged")},
-                       "r1", 64, False, 1, 16)
+    plan = ServingPlan(
+        "m", {"r1": ClassifierSpec("r1", {}, "/home/x/.cache/textclf/runs/s3/b/runs/r1/merged")}, "r1", 64, False, 1, 16
+    )
     assert pin_model(ServeConfig(run="s3://b/runs/r1"), plan).model_dump()["model_dir"] == "s3://b/runs/r1/merged"
     local = pin_model(ServeConfig(run="runs/r1"), plan)
     assert local.model_dir.endswith("r1/merged") and local.model_dir.startswith("/home/x") and local.name == "r1"

@@ -1,6 +1,7 @@
 """The generative trainer's speed-up, without Ray: the shared-prefix, packed-rows loss must equal the plain
 SFTTrainer's, gradients included, on a small random-weight Llama with SmolLM2's tokenizer and rows of different
 lengths (so the plain path pads them)."""
+
 import pytest
 import torch
 
@@ -29,8 +30,14 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_loss(tiny_llama, tmp_p
         rows.append({"input_ids": enc.input_ids, "completion_mask": enc.completion_mask})
 
     def loss_and_grads(share: bool):
-        cfg = load_config(overrides={"share_prompt_prefix": str(share).lower(), "lora_dropout": "0",
-                                     "per_device_batch_size": "8", "max_steps": "1"})
+        cfg = load_config(
+            overrides={
+                "share_prompt_prefix": str(share).lower(),
+                "lora_dropout": "0",
+                "per_device_batch_size": "8",
+                "max_steps": "1",
+            }
+        )
         trainer = build_trainer(cfg, tiny_llama, rows, None, str(tmp_path / f"out-{share}"))
         torch.manual_seed(0)
         for n, p in trainer.model.named_parameters():  # non-zero adapters, so both LoRA matrices get gradients

@@ -5,6 +5,7 @@ A prediction whose top probability is below the threshold is withheld (the serve
 needs_review true) and, as in Larson et al. 2019 (CLINC150), counts as out of scope. Ray-free: the evaluation
 job calls `choose_threshold` on its validation predictions.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,19 +59,24 @@ def parse_target(text: str) -> Target:
             v = math.nan
         if 0 < v <= 1:
             return Target(kind, v)
-    raise ValueError(f"eval.abstain_target must be auto, none, oos_recall:<share> or precision:<share> "
-                     f"(a share in (0, 1]), not {text!r}")
+    raise ValueError(
+        f"eval.abstain_target must be auto, none, oos_recall:<share> or precision:<share> "
+        f"(a share in (0, 1]), not {text!r}"
+    )
 
 
 def check_target(target: Target, oos: Optional[str]) -> None:
     """Refuse a target the label set cannot have, before any inference runs."""
     if target.kind == "oos_recall" and oos is None:
-        raise ValueError(f"eval.abstain_target {target} needs an out-of-scope label, and this label set has none "
-                         f"(set data.oos_label, or use precision:<share>)")
+        raise ValueError(
+            f"eval.abstain_target {target} needs an out-of-scope label, and this label set has none "
+            f"(set data.oos_label, or use precision:<share>)"
+        )
 
 
-def choose_threshold(gold: Sequence[str], pred: Sequence[str], prob: Sequence[float], target: str | Target,
-                     oos: Optional[str] = None) -> dict[str, Any]:
+def choose_threshold(
+    gold: Sequence[str], pred: Sequence[str], prob: Sequence[float], target: str | Target, oos: Optional[str] = None
+) -> dict[str, Any]:
     """The abstain threshold for `target` on validation predictions, and the validation figures at it.
 
     Candidates are 0 and the distinct finite probabilities. auto: with an oos label (and validation rows both in
@@ -80,8 +86,15 @@ def choose_threshold(gold: Sequence[str], pred: Sequence[str], prob: Sequence[fl
     """
     target = parse_target(target) if isinstance(target, str) else target
     check_target(target, oos)
-    out: dict[str, Any] = {"threshold": None, "target": str(target), "oos_label": oos, "rule": None, "reached": None,
-                           "note": None, "validation": None}
+    out: dict[str, Any] = {
+        "threshold": None,
+        "target": str(target),
+        "oos_label": oos,
+        "rule": None,
+        "reached": None,
+        "note": None,
+        "validation": None,
+    }
     if not len(gold):
         out["note"] = "no validation rows: no threshold chosen"
         return out
@@ -108,8 +121,10 @@ def choose_threshold(gold: Sequence[str], pred: Sequence[str], prob: Sequence[fl
             out["reached"] = t is not None
             if t is None:
                 best = _first_best(values)
-                note = (f"{key} {share:g} not reached on validation (best {values[best]:.4f} "
-                        f"at threshold {candidates[best]:.6g}): no threshold chosen")
+                note = (
+                    f"{key} {share:g} not reached on validation (best {values[best]:.4f} "
+                    f"at threshold {candidates[best]:.6g}): no threshold chosen"
+                )
         if target.kind == "auto" and oos is not None:  # the oos label is there, but validation cannot weigh it
             fallback = "validation lacks in-scope or out-of-scope rows: auto used precision"
             note = f"{fallback}; {note}" if note else fallback
@@ -117,8 +132,9 @@ def choose_threshold(gold: Sequence[str], pred: Sequence[str], prob: Sequence[fl
     return out
 
 
-def figures_by_threshold(gold: np.ndarray, pred: np.ndarray, prob: np.ndarray, thresholds: np.ndarray,
-                         oos: Optional[str]) -> dict[str, np.ndarray]:
+def figures_by_threshold(
+    gold: np.ndarray, pred: np.ndarray, prob: np.ndarray, thresholds: np.ndarray, oos: Optional[str]
+) -> dict[str, np.ndarray]:
     """`abstain_figures`' shares at every threshold at once (NaN where undefined), from sorted probabilities:
     one pass instead of one per candidate, which would be quadratic in the validation rows."""
     p = np.where(np.isnan(prob), -np.inf, prob)  # no probability: below every threshold, as the server treats it

@@ -4,6 +4,7 @@ Every field name is unique across sections, so `--learning-rate 1e-3` and `--tra
 both work; YAML may be flat or nested by section. Each field's help is in its metadata, which `--help` lists;
 HF/TRL names (ALIASES, SWITCHES) are accepted for this project's keys.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,11 @@ class DataConfig:
 
     train_file: Optional[str] = field(
         default="data/clinc150/train.jsonl",
-        metadata={"help": "JSONL training rows, by default the bundled 10-domain CLINC150 subset; relative paths "
-                          "resolve against the working directory, then the project root, so `ray job submit "
-                          "--working-dir .` finds them too"},
+        metadata={
+            "help": "JSONL training rows, by default the bundled 10-domain CLINC150 subset; relative paths "
+            "resolve against the working directory, then the project root, so `ray job submit "
+            "--working-dir .` finds them too"
+        },
     )
     validation_file: Optional[str] = field(
         default="data/clinc150/validation.jsonl",
@@ -92,8 +95,10 @@ class DataConfig:
     )
     oos_label: Optional[str] = field(
         default=None,
-        metadata={"help": "the \"none of these\" label; unset: a label named oos, out_of_scope or out-of-scope if "
-                          "any; none: there is none"},
+        metadata={
+            "help": 'the "none of these" label; unset: a label named oos, out_of_scope or out-of-scope if '
+            "any; none: there is none"
+        },
     )
 
 
@@ -103,9 +108,11 @@ class ModelConfig:
 
     model_kind: str = field(
         default="generative",
-        metadata={"help": "a name in textclf.kinds.KINDS: generative (a causal LM that answers with the label, TRL "
-                          "SFT), encoder (a classification head on an encoder), decoder-head (a classification head "
-                          "on a causal LM)"},
+        metadata={
+            "help": "a name in textclf.kinds.KINDS: generative (a causal LM that answers with the label, TRL "
+            "SFT), encoder (a classification head on an encoder), decoder-head (a classification head "
+            "on a causal LM)"
+        },
     )
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "a Hub id, a local path, or a bundled alias"})
     model_cache_dir: Optional[str] = field(
@@ -113,16 +120,21 @@ class ModelConfig:
     )
     max_length: Optional[int] = field(
         default=None,
-        metadata={"help": "prompt + answer tokens; none: from the data (the prompt, the longest training text up to "
-                          "max_text_tokens, the longest answer); longer texts are cut, and counted in the data report"},
+        metadata={
+            "help": "prompt + answer tokens; none: from the data (the prompt, the longest training text up to "
+            "max_text_tokens, the longest answer); longer texts are cut, and counted in the data report"
+        },
     )
     max_text_tokens: int = field(
-        default=256, metadata={"help": "with max_length from the data: the most tokens a text keeps (longer ones are cut)"}
+        default=256,
+        metadata={"help": "with max_length from the data: the most tokens a text keeps (longer ones are cut)"},
     )
     label_list_tokens: int = field(
         default=128,
-        metadata={"help": "generative kind: the prompt lists the label answers while the list takes at most this many "
-                          "tokens; longer label sets are learned from the training data alone"},
+        metadata={
+            "help": "generative kind: the prompt lists the label answers while the list takes at most this many "
+            "tokens; longer label sets are learned from the training data alone"
+        },
     )
     use_chat_template: bool = field(
         default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template when it has one"}
@@ -151,8 +163,10 @@ class TrainConfig:
 
     num_workers: int = field(
         default=1,
-        metadata={"help": "Ray Train workers (DDP); one with every core by default, since on few CPU cores one "
-                          "multi-threaded process trains faster than several gloo workers; clusters set more"},
+        metadata={
+            "help": "Ray Train workers (DDP); one with every core by default, since on few CPU cores one "
+            "multi-threaded process trains faster than several gloo workers; clusters set more"
+        },
     )
     use_gpu: bool = field(default=False, metadata={"help": "train on GPUs, one per worker (NCCL)"})
     cpus_per_worker: Optional[float] = field(
@@ -163,20 +177,25 @@ class TrainConfig:
         default="auto", metadata={"help": "auto: bf16 on GPUs that support it, fp32 on CPUs; or bf16 / fp16 / fp32"}
     )
     num_epochs: float = field(
-        default=0.75, metadata={"help": "passes over the training rows when max_steps is -1 (steps follow the data size)"}
+        default=0.75,
+        metadata={"help": "passes over the training rows when max_steps is -1 (steps follow the data size)"},
     )
     max_steps: int = field(
         default=-1, metadata={"help": "optimizer steps; overrides num_epochs when > 0; -1: from num_epochs"}
     )
     time_budget: Optional[str] = field(
         default=None,
-        metadata={"help": "a cap on training time such as 20m, 1h or 90s: the steps are planned from a step time "
-                          "measured on this data before training (and never exceed num_epochs / max_steps)"},
+        metadata={
+            "help": "a cap on training time such as 20m, 1h or 90s: the steps are planned from a step time "
+            "measured on this data before training (and never exceed num_epochs / max_steps)"
+        },
     )
     evaluations: int = field(
         default=2,
-        metadata={"help": "evaluations of the validation split over the run when eval_steps is none; the last one at "
-                          "the final step, so the kept checkpoint (the best eval loss) is chosen among them"},
+        metadata={
+            "help": "evaluations of the validation split over the run when eval_steps is none; the last one at "
+            "the final step, so the kept checkpoint (the best eval loss) is chosen among them"
+        },
     )
     per_device_batch_size: int = field(
         default=16,
@@ -200,11 +219,14 @@ class TrainConfig:
     )
     save_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "steps between checkpoints, a multiple of eval_steps (ranked by the eval loss before them); "
-                          "none: eval_steps"},
+        metadata={
+            "help": "steps between checkpoints, a multiple of eval_steps (ranked by the eval loss before them); "
+            "none: eval_steps"
+        },
     )
     logging_steps: Optional[int] = field(
-        default=None, metadata={"help": "steps between logged training metrics and progress lines; none: 1/20 of the run"}
+        default=None,
+        metadata={"help": "steps between logged training metrics and progress lines; none: 1/20 of the run"},
     )
     checkpoints_to_keep: int = field(
         default=2, metadata={"help": "checkpoints kept: Ray Train's, ranked by eval loss, and each worker's local ones"}
@@ -214,8 +236,10 @@ class TrainConfig:
     )
     placement_strategy: str = field(
         default="PACK",
-        metadata={"help": "Ray placement of the workers: PACK, SPREAD (different nodes where it can), STRICT_PACK or "
-                          "STRICT_SPREAD"},
+        metadata={
+            "help": "Ray placement of the workers: PACK, SPREAD (different nodes where it can), STRICT_PACK or "
+            "STRICT_SPREAD"
+        },
     )
     gradient_checkpointing: bool = field(
         default=False,
@@ -223,8 +247,9 @@ class TrainConfig:
     )
     share_prompt_prefix: bool = field(
         default=True,
-        metadata={"help": "compute the batch's common prompt prefix once and the rows unpadded: the same loss, "
-                          "faster on CPU"},
+        metadata={
+            "help": "compute the batch's common prompt prefix once and the rows unpadded: the same loss, faster on CPU"
+        },
     )
     seed: int = field(
         default=42, metadata={"help": "training seed: the adapter's (and encoder head's) init and the data order"}
@@ -252,13 +277,17 @@ class EvalConfig:
     )
     abstain_target: str = field(
         default="auto",
-        metadata={"help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
-                          "precision:<share> (textclf/abstain.py)"},
+        metadata={
+            "help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
+            "precision:<share> (textclf/abstain.py)"
+        },
     )
     model_uri: Optional[str] = field(
         default=None,
-        metadata={"help": "evaluate a registered model (models:/<name>/<version>, /latest or @<alias>) on the run's "
-                          "splits instead of the run's own; its report goes to <run>/evaluations/<name>-<version>/"},
+        metadata={
+            "help": "evaluate a registered model (models:/<name>/<version>, /latest or @<alias>) on the run's "
+            "splits instead of the run's own; its report goes to <run>/evaluations/<name>-<version>/"
+        },
     )
 
     def engine_settings(self) -> EngineSettings:
@@ -271,13 +300,16 @@ class RunConfig:
 
     name: Optional[str] = field(
         default=None,
-        metadata={"help": "the run folder's name under runs_dir (a rerun with the same name resumes, see "
-                          "on_existing); none: a timestamp"},
+        metadata={
+            "help": "the run folder's name under runs_dir (a rerun with the same name resumes, see "
+            "on_existing); none: a timestamp"
+        },
     )
     runs_dir: str = field(
         default="runs",
-        metadata={"help": "the folder of the runs, or a URI (s3://bucket/runs, gs://..., file://...) mirrored after "
-                          "each step"},
+        metadata={
+            "help": "the folder of the runs, or a URI (s3://bucket/runs, gs://..., file://...) mirrored after each step"
+        },
     )
     storage_path: Optional[str] = field(
         default=None,
@@ -289,21 +321,27 @@ class RunConfig:
     experiment: str = field(default="textclf", metadata={"help": "the MLflow experiment"})
     registered_model_name: Optional[str] = field(
         default=None,
-        metadata={"help": "the MLflow registered model that each pipeline run's exported model becomes a new version "
-                          "of (models:/<name>/<version>); none: the experiment's name"},
+        metadata={
+            "help": "the MLflow registered model that each pipeline run's exported model becomes a new version "
+            "of (models:/<name>/<version>); none: the experiment's name"
+        },
     )
     ray_address: Optional[str] = field(
         default=None, metadata={"help": "the Ray cluster's address; none: RAY_ADDRESS, else an embedded local Ray"}
     )
     on_existing: str = field(
         default="refuse",
-        metadata={"help": "a --name already used: refuse a rerun that differs (an identical one resumes), resume "
-                          "anyway (same labels only), or overwrite (delete the old run first)"},
+        metadata={
+            "help": "a --name already used: refuse a rerun that differs (an identical one resumes), resume "
+            "anyway (same labels only), or overwrite (delete the old run first)"
+        },
     )
     verbose: bool = field(
         default=False,
-        metadata={"help": "show every library's and Ray's output on the console too; otherwise it shows the plan, "
-                          "progress, results and warnings, and the rest goes to <run>/logs/<step>.log"},
+        metadata={
+            "help": "show every library's and Ray's output on the console too; otherwise it shows the plan, "
+            "progress, results and warnings, and the rest goes to <run>/logs/<step>.log"
+        },
     )
 
 
@@ -329,7 +367,11 @@ class Config:
         """The local run folder: <runs_dir>/<name>, or the local cache of run_uri."""
         from .storage import cache_dir
 
-        return cache_dir(self.run_uri, self.model.model_cache_dir) if self.run_uri else Path(self.run.runs_dir) / self._name
+        return (
+            cache_dir(self.run_uri, self.model.model_cache_dir)
+            if self.run_uri
+            else Path(self.run.runs_dir) / self._name
+        )
 
     @property
     def run_uri(self) -> Optional[str]:
@@ -448,8 +490,10 @@ def _resolve(given: dict[str, Any], index) -> dict[str, tuple[str, Any]]:
 
     def put(name: str, key: str, value: Any, aliased: bool) -> None:
         if name in out and (aliased or out[name][2]) and out[name][1] != value:
-            raise ValueError(f"config keys {out[name][0]!r} and {key!r} both set {name}, to different values "
-                             f"({out[name][1]!r}, {value!r})")
+            raise ValueError(
+                f"config keys {out[name][0]!r} and {key!r} both set {name}, to different values "
+                f"({out[name][1]!r}, {value!r})"
+            )
         out[name] = (key, value, aliased or (name in out and out[name][2]))
 
     names = {key: key.split(".")[-1].replace("-", "_") for key in given}
@@ -524,7 +568,9 @@ def validate_config(cfg: Config) -> None:
     if t.precision not in ("auto", "bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16, fp16 or fp32, not {t.precision!r}")
     if t.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ValueError(f"train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, not {t.placement_strategy!r}")
+        raise ValueError(
+            f"train.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, not {t.placement_strategy!r}"
+        )
     for name in ("test_size", "validation_size"):
         v = getattr(cfg.data, name)
         if not 0 < v < 1:
@@ -571,8 +617,10 @@ def config_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> dict[s
 
 
 USAGE = "%(prog)s [-h] [--config YAML] [--KEY VALUE ...]"
-SPELLINGS = ("Every key also works as --key_name and --section.key, and as --key=value; a boolean alone (--use-gpu) "
-             "is true; lists take a,b,c or JSON; none unsets an optional key.")
+SPELLINGS = (
+    "Every key also works as --key_name and --section.key, and as --key=value; a boolean alone (--use-gpu) "
+    "is true; lists take a,b,c or JSON; none unsets an optional key."
+)
 
 
 def _shown(value: Any) -> str:
@@ -595,8 +643,10 @@ def _metavar(tp: Any) -> str:
 def _aliases_text() -> str:
     """The alias table for --help's epilog."""
     rows = list(ALIASES.items())
-    rows += [("bf16, fp16", "true: precision bf16 / fp16; given, and neither true: fp32"),
-             ("use_peft", "true is accepted (LoRA is always on); false is refused")]
+    rows += [
+        ("bf16, fp16", "true: precision bf16 / fp16; given, and neither true: fp32"),
+        ("use_peft", "true is accepted (LoRA is always on); false is refused"),
+    ]
     lines = ["HF/TRL names, accepted on the command line and in YAML:"] + [f"  {a:<28} {k}" for a, k in rows]
     lines += ["Left out (an unknown-key error, saying what to set instead):"]
     lines += [f"  {a:<28} {why}" for a, why in NO_EQUIVALENT.items()]
@@ -614,10 +664,14 @@ def config_parser(description: str = "") -> argparse.ArgumentParser:
     """The entry points' --help: --config, then every config key by section with its type, default and help, from the
     dataclass fields. Only for showing: the keys themselves are read by config_overrides, which takes every spelling."""
     epilog = f"{textwrap.fill(SPELLINGS, 100, break_on_hyphens=False)}\n\n{_aliases_text()}"
-    parser = argparse.ArgumentParser(description=description, usage=USAGE, formatter_class=_HelpFormatter,
-                                     allow_abbrev=False, epilog=epilog)
-    parser.add_argument("--config", metavar="YAML", help="a YAML file of config keys, flat or by section; the keys "
-                                                         "given below override it")
+    parser = argparse.ArgumentParser(
+        description=description, usage=USAGE, formatter_class=_HelpFormatter, allow_abbrev=False, epilog=epilog
+    )
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="a YAML file of config keys, flat or by section; the keys given below override it",
+    )
     index = _field_index()
     from .kinds import get_kind, names
 
@@ -626,11 +680,15 @@ def config_parser(description: str = "") -> argparse.ArgumentParser:
         group = parser.add_argument_group(f"{section} keys", cls.__doc__)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            by_kind = "".join(f"; {kind}: {_shown(d[f.name])}" for kind, d in kind_defaults.items()
-                              if f.name in d and d[f.name] != default)
+            by_kind = "".join(
+                f"; {kind}: {_shown(d[f.name])}"
+                for kind, d in kind_defaults.items()
+                if f.name in d and d[f.name] != default
+            )
             text = f"(default {_shown(default)}{by_kind}) {f.metadata.get('help', '')}"
-            group.add_argument(f"--{f.name.replace('_', '-')}", metavar=_metavar(index[f.name][2]),
-                               help=text.replace("%", "%%"))
+            group.add_argument(
+                f"--{f.name.replace('_', '-')}", metavar=_metavar(index[f.name][2]), help=text.replace("%", "%%")
+            )
     return parser
 
 

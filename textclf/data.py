@@ -3,6 +3,7 @@
 Every problem is collected first and raised together, each naming its file, line and field, so a user fixes
 a bad file in one pass and no training starts on bad data.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,13 @@ def read_jsonl(path: str, text_field: str = "text", label_field: str = "label") 
     return examples
 
 
-def read_rows(rows: Iterable[dict], name: str, text_field: str = "text", label_field: str = "label",
-              label_names: Optional[Sequence[str]] = None) -> list[Example]:
+def read_rows(
+    rows: Iterable[dict],
+    name: str,
+    text_field: str = "text",
+    label_field: str = "label",
+    label_names: Optional[Sequence[str]] = None,
+) -> list[Example]:
     """Validate in-memory rows (a Hugging Face dataset split, say); rows are numbered from 1. With label_names (a
     ClassLabel's), integer labels stand for those names."""
     examples, errors = [], []
@@ -118,8 +124,10 @@ def read_rows(rows: Iterable[dict], name: str, text_field: str = "text", label_f
                 if not 0 <= label < len(label_names):  # a negative index would silently pick a class from the end
                     if label == -1:
                         unlabelled += 1
-                    errors.append(f"{where}: field '{label_field}': label {label} is not one of the ClassLabel's "
-                                  f"{len(label_names)} classes" + (" (-1: an unlabelled row)" if label == -1 else ""))
+                    errors.append(
+                        f"{where}: field '{label_field}': label {label} is not one of the ClassLabel's "
+                        f"{len(label_names)} classes" + (" (-1: an unlabelled row)" if label == -1 else "")
+                    )
                     continue
                 row = {**row, label_field: label_names[label]}
         ex = _check_row(row, where, text_field, label_field, errors)
@@ -127,10 +135,13 @@ def read_rows(rows: Iterable[dict], name: str, text_field: str = "text", label_f
             examples.append(ex)
     if unlabelled:
         # Said first, so that it shows however many rows are listed after it.
-        errors.insert(0, f"{name}: {unlabelled} unlabelled row(s) (label -1, as in many Hub test splits): a split "
-                         "to train or score on needs a label on every row; drop them (e.g. "
-                         f"ds.filter(lambda r: r['{label_field}'] != -1), then save_to_disk and point hf_dataset "
-                         "at that folder)")
+        errors.insert(
+            0,
+            f"{name}: {unlabelled} unlabelled row(s) (label -1, as in many Hub test splits): a split "
+            "to train or score on needs a label on every row; drop them (e.g. "
+            f"ds.filter(lambda r: r['{label_field}'] != -1), then save_to_disk and point hf_dataset "
+            "at that folder)",
+        )
     if errors:
         raise DataValidationError(errors)
     if not examples:
@@ -212,7 +223,7 @@ def build_splits(
 ) -> Splits:
     """Check labels against the label set, split what is missing, report overlaps."""
     if labels:
-        label_list = list(dict.fromkeys(str(l) for l in labels))
+        label_list = list(dict.fromkeys(str(lab) for lab in labels))
     else:
         label_list = sorted({ex.label for ex in train})
     errors: list[str] = []

@@ -4,6 +4,7 @@ A run folder holds `adapter/` (LoRA weights + tokenizer + classifier.json) and, 
 (a full checkpoint + tokenizer + classifier.json). classifier.json carries the base model, the label set and the
 prompt settings, so evaluation and serving need nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,12 +16,27 @@ from typing import Any, Optional
 from .prompts import PromptFormat
 
 META_FILE = "classifier.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.txt",
+)
 
 
 def write_meta(out_dir: Path, base_model: str, fmt: PromptFormat, kind: str, extra: Optional[dict] = None) -> None:
-    meta = {"kind": kind, "base_model": base_model, "labels": list(fmt.labels), "prompt": fmt.to_dict(), **(extra or {})}
+    meta = {
+        "kind": kind,
+        "base_model": base_model,
+        "labels": list(fmt.labels),
+        "prompt": fmt.to_dict(),
+        **(extra or {}),
+    }
     (Path(out_dir) / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -56,7 +72,9 @@ def prompt_format(meta: dict[str, Any]) -> PromptFormat:
     return PromptFormat.from_dict(meta["prompt"])
 
 
-def save_adapter(checkpoint_dir: Path, out_dir: Path, base_model: str, fmt: PromptFormat, extra: Optional[dict] = None) -> Path:
+def save_adapter(
+    checkpoint_dir: Path, out_dir: Path, base_model: str, fmt: PromptFormat, extra: Optional[dict] = None
+) -> Path:
     """Copy the adapter and tokenizer out of a trainer checkpoint (leaving optimizer state behind)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -7,6 +7,7 @@ the chosen label's tokens. Free generation followed by parsing is never used.
 Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`); the model kinds (textclf.kinds) pick
 their runner and scoring.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
 
     if plan.one_step:
         # detokenize=False: the answer is read from the labels' token ids; no text is needed
-        return SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids),
-                              detokenize=False)
+        return SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids), detokenize=False
+        )
     from vllm.sampling_params import StructuredOutputsParams
 
     return SamplingParams(
@@ -186,8 +188,11 @@ class BatchClassifier:
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
         self.scorer = kind.scorer(self.fmt, self.tokenizer)
         self.runner = kind.runner
-        self.llm = LLM(**engine_kwargs(model_dir, self.fmt.max_length, engine, enable_lora=adapter_dir is not None,
-                                       runner=kind.runner))
+        self.llm = LLM(
+            **engine_kwargs(
+                model_dir, self.fmt.max_length, engine, enable_lora=adapter_dir is not None, runner=kind.runner
+            )
+        )
         self.lora = None
         if adapter_dir:
             from vllm.lora.request import LoRARequest
@@ -198,12 +203,15 @@ class BatchClassifier:
         encoded = [self.scorer.encode(t) for t in texts]
         prompts = [{"prompt_token_ids": e.input_ids} for e in encoded]
         if self.runner == "pooling":
-            outputs = self.llm.encode(prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora,
-                                      pooling_task="classify")
+            outputs = self.llm.encode(
+                prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora, pooling_task="classify"
+            )
         else:
             outputs = self.llm.generate(prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora)
-        return [{**self.scorer.parse(engine_output(self.runner, out)), "truncated": e.truncated}
-                for e, out in zip(encoded, outputs)]
+        return [
+            {**self.scorer.parse(engine_output(self.runner, out)), "truncated": e.truncated}
+            for e, out in zip(encoded, outputs)
+        ]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         results = self.classify([str(t) for t in batch["text"]])

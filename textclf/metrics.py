@@ -1,6 +1,7 @@
 """Classification metrics and the evaluation report (metrics.json, report.md, confusion_matrix.png,
 reliability.png): per-class scores, calibration (ECE), and the out-of-scope / abstention figures of Larson et al.
 2019 (CLINC150), where a prediction below the abstain threshold counts as out of scope."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
 ECE_BINS = 15
 
 
-def calibration(gold: Sequence[str], pred: Sequence[str], prob: Sequence[float],
-                bins: int = ECE_BINS) -> dict[str, Any]:
+def calibration(
+    gold: Sequence[str], pred: Sequence[str], prob: Sequence[float], bins: int = ECE_BINS
+) -> dict[str, Any]:
     """Expected calibration error over equal-width bins of the top probability (bin i holds (i/bins, (i+1)/bins],
     the first also 0): the count-weighted mean of |accuracy - mean confidence|. Rows without a finite probability
     are left out."""
@@ -68,8 +70,13 @@ def abstained(prob: float, threshold: Optional[float]) -> bool:
     return threshold is not None and not (prob >= threshold)
 
 
-def abstain_figures(gold: Sequence[str], pred: Sequence[str], prob: Sequence[float], threshold: Optional[float],
-                    oos_label: Optional[str] = None) -> dict[str, Any]:
+def abstain_figures(
+    gold: Sequence[str],
+    pred: Sequence[str],
+    prob: Sequence[float],
+    threshold: Optional[float],
+    oos_label: Optional[str] = None,
+) -> dict[str, Any]:
     """Figures at one abstain threshold (None: never abstain). in_scope_accuracy: gold in-scope rows predicted
     correctly and not abstained; oos_recall: gold out-of-scope rows predicted out of scope or abstained (None
     without an oos label or oos rows); abstain_rate: rows below the threshold; answered_accuracy: accuracy of
@@ -102,26 +109,39 @@ def abstain_markdown(metrics: dict[str, Any]) -> list[str]:
     """The report's section on calibration and abstention (empty when the metrics have neither)."""
     lines: list[str] = []
     if "ece" in metrics:
-        lines += ["", "## Calibration", "",
-                  f"ECE ({len(metrics.get('calibration', [])) or ECE_BINS} equal-width bins of the top probability) "
-                  f"= {_fmt(metrics['ece'])}; reliability diagram: reliability.png"]
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"ECE ({len(metrics.get('calibration', [])) or ECE_BINS} equal-width bins of the top probability) "
+            f"= {_fmt(metrics['ece'])}; reliability diagram: reliability.png",
+        ]
     a = metrics.get("abstain")
     if a is None:
         return lines
     t = a.get("threshold")
-    lines += ["", "## Out of scope and abstention", "",
-              f"oos label: {a.get('oos_label') or 'none'}; target: {a.get('target')}; "
-              f"threshold: {'none' if t is None else f'{t:.6g}'}" + (f" ({a['note']})" if a.get("note") else ""),
-              "", "| split | in-scope accuracy | oos recall | abstain rate | answered accuracy |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Out of scope and abstention",
+        "",
+        f"oos label: {a.get('oos_label') or 'none'}; target: {a.get('target')}; "
+        f"threshold: {'none' if t is None else f'{t:.6g}'}" + (f" ({a['note']})" if a.get("note") else ""),
+        "",
+        "| split | in-scope accuracy | oos recall | abstain rate | answered accuracy |",
+        "|---|---:|---:|---:|---:|",
+    ]
     v = a.get("validation")
     if v:
-        lines.append(f"| validation ({v['n']}) | {_fmt(v['in_scope_accuracy'])} | {_fmt(v['oos_recall'])} | "
-                     f"{_fmt(v['abstain_rate'])} | {_fmt(v['answered_accuracy'])} |")
+        lines.append(
+            f"| validation ({v['n']}) | {_fmt(v['in_scope_accuracy'])} | {_fmt(v['oos_recall'])} | "
+            f"{_fmt(v['abstain_rate'])} | {_fmt(v['answered_accuracy'])} |"
+        )
     if "abstain_rate" in metrics:
-        lines.append(f"| test ({metrics['n']}) | {_fmt(metrics.get('in_scope_accuracy'))} | "
-                     f"{_fmt(metrics.get('oos_recall'))} | {_fmt(metrics['abstain_rate'])} | "
-                     f"{_fmt(metrics.get('answered_accuracy'))} |")
+        lines.append(
+            f"| test ({metrics['n']}) | {_fmt(metrics.get('in_scope_accuracy'))} | "
+            f"{_fmt(metrics.get('oos_recall'))} | {_fmt(metrics['abstain_rate'])} | "
+            f"{_fmt(metrics.get('answered_accuracy'))} |"
+        )
     return lines
 
 
@@ -175,8 +195,15 @@ def plot_confusion_matrix(metrics: dict[str, Any], path: Path) -> None:
         for i in range(len(labels)):
             for j in range(len(labels)):
                 if cm[i, j]:
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(im, ax=ax, fraction=0.046, label="row share")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -194,11 +221,27 @@ def plot_reliability(cal: dict[str, Any], path: Path) -> None:
     width = bins[0]["upper"] - bins[0]["lower"] if bins else 1.0
     full = [b for b in bins if b["count"]]
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge", edgecolor="black",
-           color="tab:blue", label="accuracy")
-    ax.bar([b["lower"] for b in full], [b["confidence"] - b["accuracy"] for b in full],
-           bottom=[b["accuracy"] for b in full], width=width, align="edge", color="none",
-           edgecolor="tab:red", hatch="//", label="gap to mean confidence", zorder=3)
+    ax.bar(
+        [b["lower"] for b in full],
+        [b["accuracy"] for b in full],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        label="accuracy",
+    )
+    ax.bar(
+        [b["lower"] for b in full],
+        [b["confidence"] - b["accuracy"] for b in full],
+        bottom=[b["accuracy"] for b in full],
+        width=width,
+        align="edge",
+        color="none",
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to mean confidence",
+        zorder=3,
+    )
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="calibrated")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -206,7 +249,14 @@ def plot_reliability(cal: dict[str, Any], path: Path) -> None:
     ece = cal.get("ece")
     ax.set_title(f"ECE {ece:.3f}, n = {cal.get('n')}" if ece is not None else "no rows")
     ax.legend(loc="upper left", fontsize=8)
-    hx.bar([b["lower"] for b in bins], [b["count"] for b in bins], width=width, align="edge", color="gray", edgecolor="black")
+    hx.bar(
+        [b["lower"] for b in bins],
+        [b["count"] for b in bins],
+        width=width,
+        align="edge",
+        color="gray",
+        edgecolor="black",
+    )
     hx.set_xlabel("top probability")
     hx.set_ylabel("rows")
     fig.tight_layout()
@@ -214,7 +264,9 @@ def plot_reliability(cal: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(metrics: dict[str, Any], predictions: list[dict[str, Any]], out_dir: Path, extra: dict | None = None) -> None:
+def write_report(
+    metrics: dict[str, Any], predictions: list[dict[str, Any]], out_dir: Path, extra: dict | None = None
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     full = {**metrics, **(extra or {})}
     (out_dir / "metrics.json").write_text(json.dumps(full, indent=2))
@@ -222,8 +274,9 @@ def write_report(metrics: dict[str, Any], predictions: list[dict[str, Any]], out
     plot_confusion_matrix(metrics, out_dir / "confusion_matrix.png")
     if full.get("calibration"):
         bins = full["calibration"]
-        plot_reliability({"ece": full.get("ece"), "n": sum(b["count"] for b in bins), "bins": bins},
-                         out_dir / "reliability.png")
+        plot_reliability(
+            {"ece": full.get("ece"), "n": sum(b["count"] for b in bins), "bins": bins}, out_dir / "reliability.png"
+        )
     with (out_dir / "predictions.jsonl").open("w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")

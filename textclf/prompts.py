@@ -1,6 +1,7 @@
 """The one prompt and label format. Training, evaluation and serving all encode through `PromptFormat`, so
 the tokens a served request sees are the tokens the model was trained on.
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,7 +83,9 @@ class PromptFormat:
             raise ValueError(f"a classifier needs at least 2 labels, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
-        if self.answers is not None and (len(self.answers) != len(self.labels) or len(set(self.answers)) != len(self.answers)):
+        if self.answers is not None and (
+            len(self.answers) != len(self.labels) or len(set(self.answers)) != len(self.answers)
+        ):
             raise ValueError("answers must be unique, one per label")
 
     @property
@@ -161,8 +164,12 @@ class PromptFormat:
                 specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
                 cut = max((before.rfind(t) + len(t) for t in specials if t in before), default=0)
                 end = min((after.find(t) for t in specials if t in after), default=len(after))
-                _PARTS[key] = (self._ids(tokenizer, before[:cut]), before[cut:], after[:end],
-                               self._ids(tokenizer, after[end:]))
+                _PARTS[key] = (
+                    self._ids(tokenizer, before[:cut]),
+                    before[cut:],
+                    after[:end],
+                    self._ids(tokenizer, after[end:]),
+                )
         parts = _PARTS[key]
         if parts is None:  # a template that does not insert the text verbatim: its rendering as it is
             return self._ids(tokenizer, self.prompt(tokenizer, text))
@@ -181,11 +188,9 @@ class PromptFormat:
                 {"role": "user", "content": "x"},
             ]
             prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(
-                messages + [{"role": "assistant", "content": label}], tokenize=False
-            )
+            full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": label}], tokenize=False)
             if full.startswith(prompt):
-                return full[len(prompt):].rstrip("\n")
+                return full[len(prompt) :].rstrip("\n")
             return label + (tokenizer.eos_token or "")
         return label + (tokenizer.eos_token or "")
 
@@ -207,7 +212,8 @@ class PromptFormat:
             budget = self.max_length - overhead
             if budget < 1:
                 raise ValueError(
-                    f"max_length {self.max_length} leaves no room for text: the instruction and label take {overhead} tokens"
+                    f"max_length {self.max_length} leaves no room for text: the instruction and label take "
+                    f"{overhead} tokens"
                 )
             text_ids = text_token_ids(tokenizer, text)[:budget]
             cut = tokenizer.decode(text_ids, skip_special_tokens=True)

@@ -2,6 +2,7 @@
 content hash of each split) is recorded when a step starts it, and a rerun under the same name must match it unless
 `on_existing` says otherwise. Pure Python: no Ray, no filesystem but the local run folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +20,41 @@ SKIP_SECTIONS = ("eval", "run")
 # Where the data is and how its fields are named (the split hashes and the label set cover its content), and how the
 # training is placed or paced (same weights). Any other key counts, so a key added later errs on the side of refusing;
 # num_workers (the global batch) and use_gpu (what precision auto picks) count too.
-SKIP_KEYS = frozenset({
-    "train_file", "validation_file", "test_file", "hf_dataset", "hf_config", "text_field", "label_field", "labels",
-    "model_cache_dir", "cpus_per_worker", "placement_strategy", "max_failures", "checkpoints_to_keep", "logging_steps",
-    "gradient_checkpointing", "share_prompt_prefix",
-})
+SKIP_KEYS = frozenset(
+    {
+        "train_file",
+        "validation_file",
+        "test_file",
+        "hf_dataset",
+        "hf_config",
+        "text_field",
+        "label_field",
+        "labels",
+        "model_cache_dir",
+        "cpus_per_worker",
+        "placement_strategy",
+        "max_failures",
+        "checkpoints_to_keep",
+        "logging_steps",
+        "gradient_checkpointing",
+        "share_prompt_prefix",
+    }
+)
 # What prepare, train, export, evaluate and the pipeline write again: left over from an earlier attempt, they would
 # pass for this one's. Ray Train's checkpoints (ray_train/) are not among them: a rerun resumes from them.
-OUTPUTS = ("data", "data_report.json", "train_output.json", "train_metrics.json", "adapter", "merged", "metrics.json",
-           "report.md", "confusion_matrix.png", "predictions.jsonl", "summary.json")
+OUTPUTS = (
+    "data",
+    "data_report.json",
+    "train_output.json",
+    "train_metrics.json",
+    "adapter",
+    "merged",
+    "metrics.json",
+    "report.md",
+    "confusion_matrix.png",
+    "predictions.jsonl",
+    "summary.json",
+)
 
 
 class RunConflictError(ValueError):
@@ -44,16 +71,24 @@ def split_hash(examples: Iterable[Example]) -> str:
 
 def model_keys(config: dict[str, Any]) -> dict[str, Any]:
     """The config keys that shape the trained model, flat (key names are unique across sections)."""
-    return {key: value for section, fields in config.items() if section not in SKIP_SECTIONS
-            for key, value in (fields or {}).items() if key not in SKIP_KEYS}
+    return {
+        key: value
+        for section, fields in config.items()
+        if section not in SKIP_SECTIONS
+        for key, value in (fields or {}).items()
+        if key not in SKIP_KEYS
+    }
 
 
 def fingerprint(config: dict[str, Any], splits: Splits) -> dict[str, Any]:
     return {
         "config": model_keys(config),
         "labels": list(splits.labels),
-        "data": {name: {"rows": len(rows), "sha256": split_hash(rows)}
-                 for name in SPLITS if (rows := getattr(splits, name)) is not None},
+        "data": {
+            name: {"rows": len(rows), "sha256": split_hash(rows)}
+            for name in SPLITS
+            if (rows := getattr(splits, name)) is not None
+        },
     }
 
 
@@ -75,8 +110,11 @@ def recorded(run_dir: Path) -> Optional[dict[str, Any]]:
         except DataValidationError:
             continue  # a split that is not there cannot be compared
         data[name] = {"rows": len(rows), "sha256": split_hash(rows)}
-    return {"config": model_keys(yaml.safe_load(config.read_text()) or {}),
-            "labels": json.loads(report.read_text())["labels"], "data": data}
+    return {
+        "config": model_keys(yaml.safe_load(config.read_text()) or {}),
+        "labels": json.loads(report.read_text())["labels"],
+        "data": data,
+    }
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[str]]:
@@ -92,9 +130,13 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[str]
         labels += [f"removed {', '.join(map(repr, removed))}"] if removed else []
         labels = labels or [f"same labels in another order ({', '.join(map(repr, lb))})"]  # label ids change
     da, db = old.get("data", {}), new.get("data", {})
-    data = [f"{s} ({da[s]['rows']} -> {db[s]['rows']} rows)" if da[s]["rows"] != db[s]["rows"]
-            else f"{s} (other rows, {db[s]['rows']} as before)"
-            for s in SPLITS if s in da and s in db and da[s]["sha256"] != db[s]["sha256"]]
+    data = [
+        f"{s} ({da[s]['rows']} -> {db[s]['rows']} rows)"
+        if da[s]["rows"] != db[s]["rows"]
+        else f"{s} (other rows, {db[s]['rows']} as before)"
+        for s in SPLITS
+        if s in da and s in db and da[s]["sha256"] != db[s]["sha256"]
+    ]
     return {"config": config, "labels": labels, "data": data}
 
 
@@ -111,13 +153,15 @@ def check(old: Optional[dict[str, Any]], new: dict[str, Any], on_existing: str, 
     if diff["labels"]:
         raise RunConflictError(
             f"run {name!r} already exists with another label set ({what}); its checkpoints cannot continue with "
-            "other labels: pass --on-existing overwrite to replace the run, or choose another --name")
+            "other labels: pass --on-existing overwrite to replace the run, or choose another --name"
+        )
     if on_existing == "resume":
         return "resume"
     raise RunConflictError(
         f"run {name!r} already exists and this rerun differs from it ({what}); resuming would continue its "
         "checkpoints on another setup: pass --on-existing resume to continue it anyway, --on-existing overwrite to "
-        "replace it, or choose another --name")
+        "replace it, or choose another --name"
+    )
 
 
 def record(run_dir: Path, new: dict[str, Any], old: Optional[dict[str, Any]] = None) -> None:
@@ -129,5 +173,6 @@ def record(run_dir: Path, new: dict[str, Any], old: Optional[dict[str, Any]] = N
         if any(differences(prev, new).values()):
             earlier.append(prev)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / FINGERPRINT).write_text(json.dumps({**new, **({"earlier": earlier} if earlier else {})},
-                                                        indent=2, ensure_ascii=False))
+    (Path(run_dir) / FINGERPRINT).write_text(
+        json.dumps({**new, **({"earlier": earlier} if earlier else {})}, indent=2, ensure_ascii=False)
+    )

@@ -1,4 +1,5 @@
 """Turn the data section of the config into validated splits (JSONL files or a Hugging Face dataset)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ A step always works in a local folder. When the runs folder is a URI, that folde
 step, so evaluation and serving on any node read the exported model from the same place. Ray Train writes its
 checkpoints straight to the URI (its storage_path), so they are never mirrored and never fetched.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -55,7 +56,7 @@ def _files(fs, base: str) -> dict[str, "object"]:
             continue
         if not i.path.startswith(prefix):
             raise ValueError(f"{i.path!r}: listed under {base!r} but not inside it")
-        files[i.path[len(prefix):]] = i
+        files[i.path[len(prefix) :]] = i
     return files
 
 
@@ -90,8 +91,13 @@ def _copy(src_fs, src: str, dst_fs, dst: str, skip: Iterable[str]) -> int:
     try:
         for rel, info in todo.items():
             old = have.get(rel)
-            if old is not None and old.size == info.size and old.mtime_ns is not None and info.mtime_ns is not None \
-                    and old.mtime_ns >= info.mtime_ns:
+            if (
+                old is not None
+                and old.size == info.size
+                and old.mtime_ns is not None
+                and info.mtime_ns is not None
+                and old.mtime_ns >= info.mtime_ns
+            ):
                 continue
             source, target = f"{src.rstrip('/')}/{rel}", f"{dst.rstrip('/')}/{rel}"
             folder, name = target.rsplit("/", 1)

@@ -6,6 +6,7 @@ then logs the reports as artifacts and registers the exported model as a new ver
 `models:/<name>/<version>` (or `/latest`, or `@<alias>`) names to the server and to evaluation (resolve_model_uri).
 The registry lives with the tracking store: mlflow-skinny's file store has one (no database needed).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -19,8 +20,14 @@ from typing import Any, Optional
 
 RUN_ID_FILE = "mlflow_run_id"
 # What a run folder holds for a reader: logged as artifacts of the run's MLflow run when present.
-REPORTS = ("report.md", "confusion_matrix.png", "reliability.png", "predictions.jsonl", "metrics.json",
-           "data_report.json")
+REPORTS = (
+    "report.md",
+    "confusion_matrix.png",
+    "reliability.png",
+    "predictions.jsonl",
+    "metrics.json",
+    "data_report.json",
+)
 MODEL_ARTIFACT = "model"
 FLAVOR = "textclf"  # the MLmodel flavor: metadata only, the project's own server and evaluation load the folder
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[\w-]+))/?$")
@@ -82,8 +89,12 @@ def log_metrics(uri: str, run_dir: Path, metrics: dict[str, float]) -> None:
 
 def worker_env(uri: str, experiment: str, run_id: str) -> dict[str, str]:
     """Environment for transformers' MLflowCallback to log into the driver's run."""
-    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, "MLFLOW_RUN_ID": run_id,
-            **_allow_file_store(uri)}
+    return {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_EXPERIMENT_NAME": experiment,
+        "MLFLOW_RUN_ID": run_id,
+        **_allow_file_store(uri),
+    }
 
 
 def _client(uri: str):
@@ -142,8 +153,14 @@ def register_model(uri: str, run_dir: Path, name: str) -> str:
     client.log_artifacts(run_id, str(folder), path)
     with tempfile.TemporaryDirectory() as d:
         model = Model(artifact_path=path, run_id=run_id)
-        model.add_flavor(FLAVOR, classifier=META_FILE, kind=meta.get("kind"), model_kind=meta.get("model_kind"),
-                         base_model=meta.get("base_model"), labels=len(meta.get("labels", [])))
+        model.add_flavor(
+            FLAVOR,
+            classifier=META_FILE,
+            kind=meta.get("kind"),
+            model_kind=meta.get("model_kind"),
+            base_model=meta.get("base_model"),
+            labels=len(meta.get("labels", [])),
+        )
         model.save(str(Path(d) / "MLmodel"))
         client.log_artifact(run_id, str(Path(d) / "MLmodel"), path)
     try:
@@ -229,5 +246,4 @@ def _fetch(source: str, dst: Path, registry_uri: str) -> Path:
     import mlflow
 
     dst.mkdir(parents=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                    tracking_uri=registry_uri))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=registry_uri))

@@ -1,6 +1,7 @@
 """Building the TRL `SFTTrainer` with a PEFT LoRA adapter. No Ray here: the Ray Train worker and the
 single-process benchmark both call `build_trainer`, so they train exactly the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def lora_config(cfg: Config):
     )
 
 
-def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True,
-                      report_to: Sequence[str] = ()) -> dict[str, Any]:
+def trainer_arguments(
+    cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True, report_to: Sequence[str] = ()
+) -> dict[str, Any]:
     """The HF training arguments every kind shares (TRL's SFTConfig extends TrainingArguments); steps and cadence
     come from the plan (textclf.plan)."""
     t = cfg.train
@@ -55,7 +57,9 @@ def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPl
     return dict(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_batch_size,
-        per_device_eval_batch_size=max(32, t.per_device_batch_size * 2),  # no gradients: larger batches share the prefix more
+        per_device_eval_batch_size=max(
+            32, t.per_device_batch_size * 2
+        ),  # no gradients: larger batches share the prefix more
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
@@ -82,8 +86,9 @@ def trainer_arguments(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPl
     )
 
 
-def sft_config(cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True,
-               report_to: Sequence[str] = ()):
+def sft_config(
+    cfg: Config, output_dir: str, use_gpu: bool, plan: TrainPlan, has_eval: bool = True, report_to: Sequence[str] = ()
+):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -98,7 +103,10 @@ def to_hf_dataset(rows: Sequence[dict[str, Any]]):
     import datasets
 
     return datasets.Dataset.from_dict(
-        {"input_ids": [list(r["input_ids"]) for r in rows], "completion_mask": [list(r["completion_mask"]) for r in rows]}
+        {
+            "input_ids": [list(r["input_ids"]) for r in rows],
+            "completion_mask": [list(r["completion_mask"]) for r in rows],
+        }
     )
 
 
@@ -114,9 +122,13 @@ class ProgressCallback(TrainerCallback):
         self.start = time.time()
         self.first_step = state.global_step  # a resumed run starts past 0
         if state.is_world_process_zero:
-            self.printer(f"[train] start: world_size {args.world_size}, {torch.get_num_threads()} threads, step {state.global_step}/{state.max_steps}, "
-                         f"{args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
-                         f"examples per step", flush=True)
+            self.printer(
+                f"[train] start: world_size {args.world_size}, {torch.get_num_threads()} threads, "
+                f"step {state.global_step}/{state.max_steps}, "
+                f"{args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps} "
+                f"examples per step",
+                flush=True,
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or self.start is None:
@@ -124,7 +136,14 @@ class ProgressCallback(TrainerCallback):
         done = state.global_step - self.first_step
         elapsed = time.time() - self.start
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy", "eval_accuracy", "learning_rate"):
+        for key in (
+            "loss",
+            "eval_loss",
+            "mean_token_accuracy",
+            "eval_mean_token_accuracy",
+            "eval_accuracy",
+            "learning_rate",
+        ):
             if key in logs:
                 parts.append(f"{key} {logs[key]:.4g}")
         parts.append(f"elapsed {elapsed:.0f}s")
@@ -199,8 +218,9 @@ class PrefixSharingSFTTrainer(SFTTrainer):
     attend to them. The rows' own tokens are packed into one sequence with an attention mask that lets each token
     see the prefix and the earlier tokens of its own row, so no padding is computed. Gradients flow through the cache
     into the adapter, so loss and gradients equal the plain forward's (tests/test_training_unit.py); the speed-ups
-    are in bench/results/MEASUREMENTS.md. Falls back to the plain SFTTrainer loss when the batch shares no useful prefix, when gradient checkpointing is on (it cannot
-    keep a cache), or with an attention implementation that takes no explicit mask (flash attention).
+    are in bench/results/MEASUREMENTS.md. Falls back to the plain SFTTrainer loss when the batch shares no useful
+    prefix, when gradient checkpointing is on (it cannot keep a cache), or with an attention implementation that
+    takes no explicit mask (flash attention).
     """
 
     min_shared_prefix = 8
@@ -234,10 +254,14 @@ class PrefixSharingSFTTrainer(SFTTrainer):
         # Across a row boundary the last token of one row "predicts" the next row's first token, which is a prompt
         # token (label -100: _shared_prefix_length keeps one prompt token per row after the prefix), so no loss
         # leaks from one row into the next.
-        own = (row[:, None] == row[None, :]) & torch.ones(len(ids), len(ids), dtype=torch.bool, device=ids.device).tril()
+        own = (row[:, None] == row[None, :]) & torch.ones(
+            len(ids), len(ids), dtype=torch.bool, device=ids.device
+        ).tril()
         allowed = torch.cat([torch.ones(len(ids), shared, dtype=torch.bool, device=ids.device), own], dim=1)
         dtype = next(self.model.parameters()).dtype
-        attend = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        attend = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
         return ids[None], labels[None], positions[None], attend[None, None]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -4,6 +4,7 @@ Jobs, export and the server ask this table for a kind's defaults, tokenization, 
 serving scorer; nothing outside it compares kind names. Adding a kind: one module here and one line in `KINDS`.
 Modules load on first use, so the configuration can read a kind's defaults without importing torch.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """The interface every model kind implements (see textclf/kinds/__init__.py for the registry)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -36,8 +37,12 @@ class ModelKind:
         fmt = self.fit_answers(fmt, tokenizer, model_cfg)
         if model_cfg.max_length:
             return replace(fmt, max_length=model_cfg.max_length), {"max_length": model_cfg.max_length, "given": True}
-        info = fit_max_length(self.overhead_tokens(fmt, tokenizer), text_lengths(tokenizer, texts),
-                              model_cfg.max_text_tokens, model_limit(tokenizer))
+        info = fit_max_length(
+            self.overhead_tokens(fmt, tokenizer),
+            text_lengths(tokenizer, texts),
+            model_cfg.max_text_tokens,
+            model_limit(tokenizer),
+        )
         return replace(fmt, max_length=info["max_length"]), info
 
     def fit_answers(self, fmt: PromptFormat, tokenizer, model_cfg) -> PromptFormat:
@@ -56,8 +61,19 @@ class ModelKind:
         raise NotImplementedError
 
     # -- training and export -----------------------------------------------------------------------------------
-    def build_trainer(self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str],
-                      use_gpu: bool = False, callbacks: Sequence[Any] = (), report_to: Sequence[str] = ()):
+    def build_trainer(
+        self,
+        cfg,
+        model_path: str,
+        train_rows,
+        eval_rows,
+        output_dir: str,
+        *,
+        labels: Sequence[str],
+        use_gpu: bool = False,
+        callbacks: Sequence[Any] = (),
+        report_to: Sequence[str] = (),
+    ):
         raise NotImplementedError
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
@@ -71,5 +87,7 @@ class ModelKind:
     def check_servable(self, meta: dict[str, Any], folder: Optional[str] = None) -> None:
         """Refuse what vLLM cannot serve for this kind (an adapter, when serves_adapters is false)."""
         if meta.get("kind") == "adapter" and not self.serves_adapters:
-            raise ValueError(f"{folder or 'this classifier'}: a {self.name} classifier is served merged (vLLM has no "
-                             f"LoRA for its head): run `python -m ray_jobs.export` first")
+            raise ValueError(
+                f"{folder or 'this classifier'}: a {self.name} classifier is served merged (vLLM has no "
+                f"LoRA for its head): run `python -m ray_jobs.export` first"
+            )

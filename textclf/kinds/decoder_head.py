@@ -2,6 +2,7 @@
 the head trained in full and LoRA on the layers. No prompt and no label list: the plain text in, one softmax over the
 label set out, from one forward pass; served by vLLM's pooling runner (e.g. LlamaForSequenceClassification).
 Everything but the defaults is the encoder kind's (textclf.kinds.encoder): HF Trainer, merge, pooling scorer."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ Label ids are the positions in the classifier's label set (`PromptFormat.labels`
 step uses); the exported config.json carries them as id2label, so vLLM's class i is `labels[i]`.
 No Ray here.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
@@ -21,15 +22,20 @@ def encode(tokenizer, fmt: PromptFormat, text: str) -> Encoded:
     ids = text_token_ids(tokenizer, text, special_tokens=True)
     truncated = len(ids) > fmt.max_length
     if truncated:
-        tail = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None and ids[-1] == tokenizer.sep_token_id else []
+        tail = (
+            [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None and ids[-1] == tokenizer.sep_token_id else []
+        )
         ids = ids[: fmt.max_length - len(tail)] + tail
     return Encoded(input_ids=ids, prompt_length=len(ids), truncated=truncated)
 
 
 def label_maps(labels: Sequence[str]) -> dict[str, Any]:
     """The head's id2label / label2id: class i is labels[i]."""
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)}}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
 
 
 def load_tokenizer(model_path: str):
@@ -102,8 +108,9 @@ def build_trainer(
     # The new head and the LoRA matrices are drawn here, before the Trainer seeds anything: seed them so that a run
     # repeats (TRL builds the generative kind's adapter inside the Trainer, after its seeding).
     set_seed(cfg.train.seed)
-    model = get_peft_model(load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu)),
-                           lora_config(cfg))
+    model = get_peft_model(
+        load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu)), lora_config(cfg)
+    )
     return Trainer(
         model=model,
         args=args,
@@ -125,6 +132,7 @@ def merge(adapter_dir: str, base_model_path: str, labels: Sequence[str]):
 
 # -- inference through vLLM's pooling runner ------------------------------------------------------------------
 
+
 def pooling_params():
     from vllm import PoolingParams
 
@@ -136,8 +144,11 @@ def result(labels: Sequence[str], probs: Sequence[float]) -> dict[str, Any]:
     if len(probs) != len(labels):
         raise RuntimeError(f"the model returned {len(probs)} classes for {len(labels)} labels")
     best = max(range(len(probs)), key=probs.__getitem__)
-    return {"label": labels[best], "confidence": float(probs[best]),
-            "scores": {label: float(p) for label, p in zip(labels, probs)}}
+    return {
+        "label": labels[best],
+        "confidence": float(probs[best]),
+        "scores": {label: float(p) for label, p in zip(labels, probs)},
+    }
 
 
 class HeadScorer(Scorer):
@@ -181,10 +192,30 @@ class EncoderKind(ModelKind):
     def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
         return encode(tokenizer, fmt, text)
 
-    def build_trainer(self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str],
-                      use_gpu: bool = False, callbacks: Sequence[Any] = (), report_to: Sequence[str] = ()):
-        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, use_gpu=use_gpu, callbacks=callbacks,
-                             report_to=report_to, labels=labels)
+    def build_trainer(
+        self,
+        cfg,
+        model_path: str,
+        train_rows,
+        eval_rows,
+        output_dir: str,
+        *,
+        labels: Sequence[str],
+        use_gpu: bool = False,
+        callbacks: Sequence[Any] = (),
+        report_to: Sequence[str] = (),
+    ):
+        return build_trainer(
+            cfg,
+            model_path,
+            train_rows,
+            eval_rows,
+            output_dir,
+            use_gpu=use_gpu,
+            callbacks=callbacks,
+            report_to=report_to,
+            labels=labels,
+        )
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
         return merge(adapter_dir, base_model_path, labels)

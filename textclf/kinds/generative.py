@@ -1,5 +1,6 @@
 """The generative kind: a causal LM fine-tuned (TRL SFT + LoRA) to answer with the label after a prompt that lists
 the label set; scored from the label tokens (textclf.inference) by vLLM's generate runner."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -35,8 +36,11 @@ class GenerativeKind(ModelKind):
 
     def fit_format(self, fmt: PromptFormat, tokenizer, texts: Sequence[str], model_cfg) -> tuple[PromptFormat, dict]:
         fmt, info = super().fit_format(fmt, tokenizer, texts, model_cfg)
-        return fmt, {**info, "answers": "label codes" if fmt.answers else "label names",
-                     "labels_listed": fmt.list_labels}
+        return fmt, {
+            **info,
+            "answers": "label codes" if fmt.answers else "label names",
+            "labels_listed": fmt.list_labels,
+        }
 
     def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
         # the prompt around the text, the longest answer, and room for tokens merging across the text's edges
@@ -49,12 +53,31 @@ class GenerativeKind(ModelKind):
     def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
         return fmt.encode(tokenizer, text)
 
-    def build_trainer(self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str],
-                      use_gpu: bool = False, callbacks: Sequence[Any] = (), report_to: Sequence[str] = ()):
+    def build_trainer(
+        self,
+        cfg,
+        model_path: str,
+        train_rows,
+        eval_rows,
+        output_dir: str,
+        *,
+        labels: Sequence[str],
+        use_gpu: bool = False,
+        callbacks: Sequence[Any] = (),
+        report_to: Sequence[str] = (),
+    ):
         from ..training import build_trainer
 
-        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, use_gpu=use_gpu, callbacks=callbacks,
-                             report_to=report_to)
+        return build_trainer(
+            cfg,
+            model_path,
+            train_rows,
+            eval_rows,
+            output_dir,
+            use_gpu=use_gpu,
+            callbacks=callbacks,
+            report_to=report_to,
+        )
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
         import torch

@@ -10,6 +10,7 @@
 Paths come only from the server configuration: a request names a classifier, which is looked up in a fixed
 table built at start-up; an unknown name is refused with the list of valid ones.
 """
+
 from .api import (
     BatchRequest,
     ClassifyRequest,
@@ -30,9 +31,38 @@ from .plan import LORA_RANKS, ClassifierSpec, ServingPlan, pin_model, project_pa
 from .vllm_format import ClassificationResponse, ModelCard, ModelList, VllmClassifyRequest, classification_response
 
 __all__ = [
-    "BatchRequest", "ClassificationResponse", "ClassifierSpec", "Classifiers", "ClassifyRequest", "Engine",
-    "EngineOptions", "EngineUnavailable", "ErrorBody", "ErrorInfo", "InvalidRequest", "LORA_RANKS", "ModelCard",
-    "ModelList", "NAME_RE", "Overloaded", "Prediction", "ServeConfig", "ServingError", "ServingPlan", "TooLarge",
-    "UnknownClassifier", "VllmClassifyRequest", "apply_abstain", "classification_response", "count_texts", "is_blank",
-    "parse_request", "pin_model", "project_path", "read_json", "resolve_plan", "text_problem", "validate",
+    "BatchRequest",
+    "ClassificationResponse",
+    "ClassifierSpec",
+    "Classifiers",
+    "ClassifyRequest",
+    "Engine",
+    "EngineOptions",
+    "EngineUnavailable",
+    "ErrorBody",
+    "ErrorInfo",
+    "InvalidRequest",
+    "LORA_RANKS",
+    "ModelCard",
+    "ModelList",
+    "NAME_RE",
+    "Overloaded",
+    "Prediction",
+    "ServeConfig",
+    "ServingError",
+    "ServingPlan",
+    "TooLarge",
+    "UnknownClassifier",
+    "VllmClassifyRequest",
+    "apply_abstain",
+    "classification_response",
+    "count_texts",
+    "is_blank",
+    "parse_request",
+    "pin_model",
+    "project_path",
+    "read_json",
+    "resolve_plan",
+    "text_problem",
+    "validate",
 ]

@@ -1,5 +1,6 @@
 """The HTTP API's request and response models (the OpenAPI schema at /docs is generated from them), and the
 reading of a request body into one: cheap refusals (bad JSON, too many texts) come before pydantic validates."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,11 @@ from .errors import InvalidRequest, TooLarge
 # Characters nobody can read: whitespace, controls, zero-width and other format characters, separators, and the
 # fillers and variation selectors that render as nothing.
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
-_INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800") | frozenset(map(chr, range(0xFE00, 0xFE10))) | frozenset(
-    map(chr, range(0xE0100, 0xE01F0)))
+_INVISIBLE = (
+    frozenset("\u115f\u1160\u3164\uffa0\u2800")
+    | frozenset(map(chr, range(0xFE00, 0xFE10)))
+    | frozenset(map(chr, range(0xE0100, 0xE01F0)))
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,10 +44,15 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: StrictStr = Field(..., description="The text to classify; must not be blank or only invisible characters.")
-    model: Optional[StrictStr] = Field(None, max_length=64, description=(
-        "Classifier name (GET /labels lists them); default: the server's default."))
-    abstain_threshold: Threshold = Field(None, ge=0, le=1, description=(
-        "Overrides the server's and the classifier's abstain threshold (0: answer every text)."))
+    model: Optional[StrictStr] = Field(
+        None, max_length=64, description=("Classifier name (GET /labels lists them); default: the server's default.")
+    )
+    abstain_threshold: Threshold = Field(
+        None,
+        ge=0,
+        le=1,
+        description=("Overrides the server's and the classifier's abstain threshold (0: answer every text)."),
+    )
 
     @field_validator("text")
     @classmethod
@@ -75,8 +84,9 @@ class BatchRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: Optional[str] = Field(..., description=(
-        "One of the classifier's labels; null when below the abstain threshold."))
+    label: Optional[str] = Field(
+        ..., description=("One of the classifier's labels; null when below the abstain threshold.")
+    )
     confidence: float = Field(..., description="Probability of the predicted label.")
     scores: dict[str, float] = Field(..., description="Top-k labels and their probabilities.")
     model: str

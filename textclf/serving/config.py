@@ -1,4 +1,5 @@
 """The server's typed configuration: the `args:` of serve_app/config.yaml, checked when the app is built."""
+
 from __future__ import annotations
 
 import re
@@ -62,8 +63,10 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _a_full_batch_fits(self) -> "ServeConfig":
         if self.inflight_limit < self.max_batch:
-            raise ValueError(f"max_inflight_texts {self.inflight_limit} is under max_batch {self.max_batch}: a full "
-                             f"batch could never be admitted")
+            raise ValueError(
+                f"max_inflight_texts {self.inflight_limit} is under max_batch {self.max_batch}: a full "
+                f"batch could never be admitted"
+            )
         return self
 
     @field_validator("adapters")

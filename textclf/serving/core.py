@@ -1,5 +1,6 @@
 """The classify core: texts to predictions with any engine that follows the small `Engine` protocol (vLLM in
 serve_app/engine.py, a fake one in the unit tests); the same prompt tokens and scoring as the evaluation job."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,9 @@ class Engine(Protocol):
     """What the core needs from an engine: one finished completion for a prompt of token ids (for an encoder,
     given pooling params: the pooling output, class probabilities)."""
 
-    async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str,
-                       spec: ClassifierSpec) -> Any: ...
+    async def complete(
+        self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec
+    ) -> Any: ...
 
     async def check_health(self) -> None: ...
 
@@ -59,8 +61,9 @@ class Classifiers:
     """Classifies texts with the engine for each configured classifier; the same prompt tokens and scoring as the
     evaluation job (`textclf.inference`)."""
 
-    def __init__(self, cfg: ServeConfig, plan: ServingPlan, engine: Engine,
-                 tokenizers: Optional[dict[str, Any]] = None):
+    def __init__(
+        self, cfg: ServeConfig, plan: ServingPlan, engine: Engine, tokenizers: Optional[dict[str, Any]] = None
+    ):
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.inflight = 0  # texts admitted and not answered yet (one event loop: no lock)
         self.last_answer = float("-inf")  # time.monotonic() of the engine's latest answer
@@ -123,8 +126,13 @@ class Classifiers:
         t0 = time.perf_counter()
         enc = c.encode(text)
         out = await self._complete(c, enc.input_ids, self.cfg.request_timeout_s)
-        r = {"label": out["label"], "confidence": float(out["confidence"]),
-             "scores": top_k(out["scores"], self.cfg.top_k), "model": c.spec.name, "truncated": enc.truncated}
+        r = {
+            "label": out["label"],
+            "confidence": float(out["confidence"]),
+            "scores": top_k(out["scores"], self.cfg.top_k),
+            "model": c.spec.name,
+            "truncated": enc.truncated,
+        }
         r = apply_abstain(r, threshold)
         if details:  # every label's probability (0 where constrained decoding scored one) and the prompt's length
             r["probs"] = [float(out["scores"].get(label, 0.0)) for label in c.fmt.labels]
@@ -136,11 +144,18 @@ class Classifiers:
         """Refuse at once what the engine could not start soon, counted in texts: a batch weighs what it carries."""
         limit = self.cfg.inflight_limit
         if self.inflight + n > limit:
-            raise Overloaded(f"server busy: {self.inflight} texts in progress, limit {limit}; retry later",
-                             {"inflight_texts": self.inflight, "max_inflight_texts": limit})
+            raise Overloaded(
+                f"server busy: {self.inflight} texts in progress, limit {limit}; retry later",
+                {"inflight_texts": self.inflight, "max_inflight_texts": limit},
+            )
 
-    async def classify(self, texts: Sequence[str], model: Optional[str] = None,
-                       abstain_threshold: Optional[float] = None, details: bool = False) -> list[dict[str, Any]]:
+    async def classify(
+        self,
+        texts: Sequence[str],
+        model: Optional[str] = None,
+        abstain_threshold: Optional[float] = None,
+        details: bool = False,
+    ) -> list[dict[str, Any]]:
         c = self.get(model)
         self.check_texts(texts)
         threshold = self.threshold(c, abstain_threshold)

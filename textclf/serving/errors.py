@@ -1,4 +1,5 @@
 """Errors of the classify core, each with the HTTP status the API answers it with."""
+
 from __future__ import annotations
 
 from typing import Any

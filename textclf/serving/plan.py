@@ -1,5 +1,6 @@
 """The classifier registry: which model the engine loads and which classifiers (model folders, LoRA adapters) it
 answers for, from the configuration alone. Requests name classifiers, never paths."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
             folder = _adapter_folder(project_path(path))
             meta = read_meta(folder)
             if not kind_of(meta).serves_adapters:
-                raise ValueError(f"adapters: {name} is a {kind_of(meta).name} classifier; serve it merged, on its own "
-                                 f"(run: ...)")
+                raise ValueError(
+                    f"adapters: {name} is a {kind_of(meta).name} classifier; serve it merged, on its own (run: ...)"
+                )
             bases.add(meta["base_model"])
             specs[name] = ClassifierSpec(name, meta, str(folder), str(folder), i)
         if len(bases) != 1:
@@ -111,8 +113,16 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
     # room for the label tokens after it.
     max_len = max(prompt_format(s.meta).max_length for s in specs.values())
     kind = kind_of(specs[default].meta)  # several classifiers are adapters of one kind (checked above)
-    return ServingPlan(engine_model, specs, default, max_len + kind.label_room, enable_lora=bool(ranks),
-                       max_loras=max(1, len(ranks)), max_lora_rank=rank, runner=kind.runner)
+    return ServingPlan(
+        engine_model,
+        specs,
+        default,
+        max_len + kind.label_room,
+        enable_lora=bool(ranks),
+        max_loras=max(1, len(ranks)),
+        max_lora_rank=rank,
+        runner=kind.runner,
+    )
 
 
 def pin_model(cfg: ServeConfig, plan: ServingPlan) -> ServeConfig:

@@ -1,6 +1,7 @@
 """vLLM's (OpenAI-style) classification API, answered by the same classifiers: `POST /classify` with
 `{"model", "input"}` (vLLM's ClassificationCompletionRequest) and `GET /v1/models`. Field names follow vLLM 0.32's
 vllm/entrypoints/pooling/classify/protocol.py and vllm/entrypoints/serve/engine/protocol.py."""
+
 from __future__ import annotations
 
 import time
@@ -17,10 +18,12 @@ class VllmClassifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Optional[StrictStr] = Field(None, max_length=64, description=(
-        "Classifier name (GET /v1/models lists them); default: the server's default."))
-    input: Union[StrictStr, list[StrictStr]] = Field(..., description=(
-        "One text or a list of texts (at most the server's max_batch)."))
+    model: Optional[StrictStr] = Field(
+        None, max_length=64, description=("Classifier name (GET /v1/models lists them); default: the server's default.")
+    )
+    input: Union[StrictStr, list[StrictStr]] = Field(
+        ..., description=("One text or a list of texts (at most the server's max_batch).")
+    )
     user: Optional[StrictStr] = Field(None, max_length=256, description="Accepted and ignored, as OpenAI's.")
     request_id: Optional[StrictStr] = Field(None, max_length=256, description="Accepted and ignored.")
 
@@ -90,7 +93,10 @@ class ModelList(BaseModel):
 def classification_response(model: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Predictions of Classifiers.classify(..., details=True) in vLLM's response shape."""
     tokens = sum(r["prompt_tokens"] for r in results)
-    data = [{"index": i, "label": r["label"], "probs": r["probs"], "num_classes": len(r["probs"])}
-            for i, r in enumerate(results)]
-    return ClassificationResponse(model=model, data=data,
-                                  usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens)).model_dump()
+    data = [
+        {"index": i, "label": r["label"], "probs": r["probs"], "num_classes": len(r["probs"])}
+        for i, r in enumerate(results)
+    ]
+    return ClassificationResponse(
+        model=model, data=data, usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens)
+    ).model_dump()
