@@ -64,7 +64,13 @@ def _from_project(depth: int) -> bool:
         frame = sys._getframe(depth + 1)
     except ValueError:  # called from C with no Python caller (the interpreter printing at exit)
         return False
-    return str(frame.f_globals.get("__name__", "")).split(".")[0] in PROJECT_MODULES
+    spec = frame.f_globals.get("__spec__")  # `python -m ray_jobs.x` runs as __main__; its spec keeps the real name
+    name = (
+        spec.name
+        if spec is not None and frame.f_globals.get("__name__") == "__main__"
+        else frame.f_globals.get("__name__", "")
+    )
+    return str(name).split(".")[0] in PROJECT_MODULES
 
 
 class RunLog:

@@ -181,3 +181,18 @@ def test_a_library_handler_made_before_attach_writes_through_the_console_stream(
         early.removeHandler(handler)
     assert "a library's own handler" not in capsys.readouterr().err
     assert "a library's own handler" in path.read_text()
+
+
+def test_a_step_run_with_python_m_counts_as_the_project(tmp_path):
+    """`python -m ray_jobs.pipeline` runs the step's module as __main__: its final result lines must reach the console."""
+    import importlib.util
+    import io
+
+    log = console.RunLog()
+    log.open(tmp_path / "step.log")
+    real = io.StringIO()
+    stream = console.ConsoleStream(real, log)
+    for name, shown in (("ray_jobs.pipeline", True), ("json", False)):
+        code = {"__name__": "__main__", "__spec__": importlib.util.find_spec(name), "stream": stream}
+        exec(f"stream.write('result from {name}\\n')", code)
+        assert (f"result from {name}" in real.getvalue()) is shown
