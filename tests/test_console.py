@@ -184,7 +184,7 @@ def test_a_library_handler_made_before_attach_writes_through_the_console_stream(
 
 
 def test_a_step_run_with_python_m_counts_as_the_project(tmp_path):
-XX
+    """`python -m ray_jobs.pipeline` runs the step's module as __main__: its result lines must reach the console."""
     import importlib.util
     import io
 
