@@ -13,6 +13,7 @@ anyone's errors. With --verbose the console shows everything, as before. Stdlib 
 from __future__ import annotations
 
 import atexit
+import io
 import logging
 import re
 import sys
@@ -237,6 +238,20 @@ def attach(path: Path, verbose: bool = False) -> Optional[Path]:
         atexit.register(_close)
     print(f"[run] log: {path}", flush=True)
     return path
+
+
+def say(*args: Any, file: Optional[TextIO] = None, **kwargs: Any) -> None:
+    """print() for a step's user-facing lines (plan, result, errors): they reach the console in quiet mode whatever
+    the call stack looks like."""
+    stream = file or sys.stdout
+    text = io.StringIO()
+    kwargs.pop("flush", None)
+    print(*args, file=text, **kwargs)
+    if isinstance(stream, ConsoleStream):
+        stream.write(text.getvalue(), from_project=True)
+    else:
+        stream.write(text.getvalue())
+    stream.flush()
 
 
 def _repoint_handlers(old: Any, new: Any) -> None:

@@ -29,6 +29,7 @@ from textclf.metrics import abstain_figures, abstained, calibration, compute_met
 from textclf.models import resolve_model
 
 from .common import init_ray, open_run, setup_logging, sync_run
+from .console import say
 from .prepare import read_split
 
 log = logging.getLogger("ray_jobs.evaluate")
@@ -207,9 +208,9 @@ def main(argv=None) -> None:
     run_dir = open_run(cfg)
     m = evaluate(cfg, run_dir)
     sync_run(cfg, run_dir)
-    print(f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f} accuracy={m['accuracy']:.4f} n={m['n']}")
+    say(f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f} accuracy={m['accuracy']:.4f} n={m['n']}")
     if cfg.eval.model_uri:
-        print(f"{cfg.eval.model_uri}: report in {m['report_dir']}")
+        say(f"{cfg.eval.model_uri}: report in {m['report_dir']}")
 
 
 if __name__ == "__main__":

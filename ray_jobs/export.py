@@ -15,6 +15,7 @@ from textclf.export import merge_adapter, read_meta
 from textclf.models import resolve_model
 
 from .common import open_run, setup_logging, sync_run
+from .console import say
 
 log = logging.getLogger("ray_jobs.export")
 
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     run_dir = open_run(cfg)
     out = export(cfg, run_dir)
     sync_run(cfg, run_dir)
-    print(f"merged: {out}")
+    say(f"merged: {out}")
 
 
 if __name__ == "__main__":

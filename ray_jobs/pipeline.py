@@ -16,6 +16,7 @@ from textclf.config import Config, parse_args
 from textclf.sources import load_splits
 
 from .common import setup_logging, start_run, sync_run
+from .console import say
 from .evaluate import evaluate
 from .export import export
 from .prepare import exit_on_data_error, prepare
@@ -64,7 +65,7 @@ def publish(cfg: Config, run_dir: Path) -> Optional[str]:
     except Exception as e:
         log.warning("MLflow: the run's reports or model were not logged: %s", e)
         return None
-    print(f"[run] model registered: {model}", flush=True)
+    say(f"[run] model registered: {model}", flush=True)
     return model
 
 
@@ -73,9 +74,9 @@ def main(argv=None) -> None:
     setup_logging()
     cfg = parse_args(argv, description=__doc__)
     run_dir, summary = run_pipeline(cfg)
-    print(f"\nrun {cfg.run.name}: {run_dir}")
-    print(json.dumps(summary["timings"]))
-    print(
+    say(f"\nrun {cfg.run.name}: {run_dir}")
+    say(json.dumps(summary["timings"]))
+    say(
         f"macro_f1={summary['macro_f1']:.4f} weighted_f1={summary['weighted_f1']:.4f} "
         f"accuracy={summary['accuracy']:.4f} n={summary['n']}"
     )

@@ -27,6 +27,7 @@ from textclf.runs import RunConflictError
 from textclf.sources import load_splits
 
 from .common import init_ray, setup_logging, start_run
+from .console import say
 
 log = logging.getLogger("ray_jobs.prepare")
 SPLITS = ("train", "validation", "test")
@@ -184,12 +185,12 @@ def print_plan(cfg: Config, splits: Splits, fmt: PromptFormat, fitted: dict[str,
             f"{fitted['text_tokens_max']} (p99 {fitted['text_tokens_p99']}) up to {cfg.model.max_text_tokens}"
         )
     )
-    print(
+    say(
         f"[plan] data: {len(splits.train)} train / {len(splits.validation)} validation / {len(splits.test)} test "
         f"rows, {len(splits.labels)} labels; {cfg.model.model_kind} {cfg.model.model}",
         flush=True,
     )
-    print(
+    say(
         f"[plan] max_length {fmt.max_length} ({source}); {cut} train/validation rows cut"
         + (
             f"; answers: {fitted['answers']}, {'listed' if fmt.list_labels else 'not listed'} in the prompt"
@@ -200,7 +201,7 @@ def print_plan(cfg: Config, splits: Splits, fmt: PromptFormat, fitted: dict[str,
     )
     t = cfg.train
     draft = plan_training(t, len(splits.train), len(splits.validation), t.num_workers)
-    print(
+    say(
         f"[plan] training: {draft.describe()}"
         + (
             f"; time budget {t.time_budget}: the steps are fitted to a step time measured before training"
@@ -218,7 +219,7 @@ def exit_on_data_error(fn):
         try:
             return fn(*args, **kwargs)
         except (DataValidationError, RunConflictError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            say(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
     splits = load_splits(cfg.data)
     run_dir = start_run(cfg, splits)
     prepared = prepare(cfg, run_dir, splits)
-    print(f"prepared {run_dir}: " + ", ".join(f"{k} {len(getattr(prepared.splits, k))}" for k in SPLITS))
+    say(f"prepared {run_dir}: " + ", ".join(f"{k} {len(getattr(prepared.splits, k))}" for k in SPLITS))
 
 
 if __name__ == "__main__":

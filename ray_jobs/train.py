@@ -24,6 +24,7 @@ from textclf.export import save_adapter
 from textclf.sources import load_splits
 
 from .common import setup_logging, start_run, storage_path, sync_run
+from .console import say
 from .prepare import Prepared, exit_on_data_error, prepare
 
 log = logging.getLogger("ray_jobs.train")
@@ -199,7 +200,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
     (run_dir / "train_metrics.json").write_text(json.dumps(summary, indent=2))
     plan = final.get("plan") or {}
     estimate = plan.get("estimate_s")
-    print(
+    say(
         f"[plan] trained {plan.get('steps', '?')} steps in {elapsed / 60:.1f} min (Ray Train start and checkpoints "
         f"included)"
         + (f"; estimated {estimate / 60:.1f} min" if estimate else "")
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
     run_dir = start_run(cfg, splits, trains=True)
     adapter = train(cfg, run_dir, prepare(cfg, run_dir, splits))
     sync_run(cfg, run_dir)
-    print(f"adapter: {adapter}")
+    say(f"adapter: {adapter}")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,16 @@ def test_a_step_run_with_python_m_counts_as_the_project(tmp_path):
         code = {"__name__": "__main__", "__spec__": importlib.util.find_spec(name), "stream": stream}
         exec(f"stream.write('result from {name}\\n')", code)
         assert (f"result from {name}" in real.getvalue()) is shown
+
+
+def test_say_reaches_the_console_from_anywhere(tmp_path):
+    import io
+
+    log = console.RunLog()
+    log.open(tmp_path / "step.log")
+    real = io.StringIO()
+    stream = console.ConsoleStream(real, log)
+    code = {"__name__": "some.library", "console": console, "stream": stream}
+    exec("console.say('macro_f1=0.9', file=stream)\nstream.write('library chatter\\n')", code)
+    assert real.getvalue() == "macro_f1=0.9\n"
+    assert (tmp_path / "step.log").read_text().splitlines()[-2:] == ["macro_f1=0.9", "library chatter"]
