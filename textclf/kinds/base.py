@@ -62,18 +62,9 @@ class ModelKind:
 
     # -- training and export -----------------------------------------------------------------------------------
     def build_trainer(
-        self,
-        cfg,
-        model_path: str,
-        train_rows,
-        eval_rows,
-        output_dir: str,
-        *,
-        labels: Sequence[str],
-        use_gpu: bool = False,
-        callbacks: Sequence[Any] = (),
-        report_to: Sequence[str] = (),
+        self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):
+        """The HF trainer for this kind; kwargs: use_gpu, callbacks, report_to, plan (as textclf.training has)."""
         raise NotImplementedError
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):

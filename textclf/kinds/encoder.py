@@ -193,29 +193,9 @@ class EncoderKind(ModelKind):
         return encode(tokenizer, fmt, text)
 
     def build_trainer(
-        self,
-        cfg,
-        model_path: str,
-        train_rows,
-        eval_rows,
-        output_dir: str,
-        *,
-        labels: Sequence[str],
-        use_gpu: bool = False,
-        callbacks: Sequence[Any] = (),
-        report_to: Sequence[str] = (),
+        self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):
-        return build_trainer(
-            cfg,
-            model_path,
-            train_rows,
-            eval_rows,
-            output_dir,
-            use_gpu=use_gpu,
-            callbacks=callbacks,
-            report_to=report_to,
-            labels=labels,
-        )
+        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, labels=labels, **kwargs)
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
         return merge(adapter_dir, base_model_path, labels)

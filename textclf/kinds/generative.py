@@ -54,30 +54,11 @@ class GenerativeKind(ModelKind):
         return fmt.encode(tokenizer, text)
 
     def build_trainer(
-        self,
-        cfg,
-        model_path: str,
-        train_rows,
-        eval_rows,
-        output_dir: str,
-        *,
-        labels: Sequence[str],
-        use_gpu: bool = False,
-        callbacks: Sequence[Any] = (),
-        report_to: Sequence[str] = (),
+        self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):
         from ..training import build_trainer
 
-        return build_trainer(
-            cfg,
-            model_path,
-            train_rows,
-            eval_rows,
-            output_dir,
-            use_gpu=use_gpu,
-            callbacks=callbacks,
-            report_to=report_to,
-        )
+        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, **kwargs)
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
         import torch
