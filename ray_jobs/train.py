@@ -62,14 +62,17 @@ def train_worker(config: dict[str, Any]) -> None:
         str(output_dir),
         labels=config["labels"],
         use_gpu=cfg.train.use_gpu,
-        callbacks=[plan_keeper := PlanCallback(), RayTrainReportCallback()],  # the plan enters each checkpoint first
+        callbacks=[
+            plan_keeper := PlanCallback(config["cfg"]["train"]),
+            RayTrainReportCallback(),
+        ],  # the plan enters each checkpoint first
         report_to=["mlflow"] if config.get("env") else [],
     )
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed run or resumes a named one
     plan = None
     if checkpoint:
         with checkpoint.as_directory() as d:
-            plan = PlanCallback.read(os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
+            plan = plan_keeper.saved_plan(os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
     if plan is None:
         step_s = all_ranks_max(measure_step_seconds(trainer))
         plan = plan_training(cfg.train, len(train_rows), len(eval_rows), ctx.get_world_size(), step_s)

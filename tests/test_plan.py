@@ -136,3 +136,18 @@ def test_the_step_probe_measures_without_training(tmp_path):
     after = dict(trainer.model.named_parameters())
     assert all(bool((after[k] == v).all()) for k, v in before.items())
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_a_checkpoint_keeps_its_plan_for_a_restart_on_the_same_settings(tmp_path):
+    from types import SimpleNamespace as NS
+
+    from textclf.training import PlanCallback
+
+    t = load_config().train
+    plan = plan_training(t, rows=3000, validation_rows=300, step_s=1.5)
+    settings = {"max_steps": -1, "time_budget": "20m"}
+    (tmp_path / "checkpoint-70").mkdir()
+    PlanCallback(settings, plan).on_save(NS(output_dir=str(tmp_path)), NS(global_step=70), None)
+    assert PlanCallback(settings).saved_plan(str(tmp_path / "checkpoint-70")) == plan
+    assert PlanCallback({**settings, "max_steps": 200}).saved_plan(str(tmp_path / "checkpoint-70")) is None
+    assert PlanCallback(settings).saved_plan(str(tmp_path)) is None  # a checkpoint from before plans were kept

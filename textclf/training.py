@@ -180,23 +180,24 @@ def measure_step_seconds(trainer, steps: int = 2) -> float:
 
 
 class PlanCallback(TrainerCallback):
-    """Keeps the run's plan inside each checkpoint, so that a resumed attempt continues the same schedule instead of
-    planning anew from another measured step time."""
+    """Keeps the run's plan, and the training settings it was made from, inside each checkpoint: a restarted attempt
+    on the same settings continues the same schedule instead of planning anew from another measured step time."""
 
     FILE = "textclf_plan.json"
 
-    def __init__(self, plan: Optional[TrainPlan] = None):
-        self.plan = plan
+    def __init__(self, settings: dict[str, Any], plan: Optional[TrainPlan] = None):
+        self.settings, self.plan = settings, plan
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.plan is not None and folder.is_dir():
-            (folder / self.FILE).write_text(json.dumps(self.plan.to_dict()))
+            (folder / self.FILE).write_text(json.dumps({"plan": self.plan.to_dict(), "settings": self.settings}))
 
-    @classmethod
-    def read(cls, checkpoint_dir: str) -> Optional[TrainPlan]:
-        path = Path(checkpoint_dir) / cls.FILE
-        return TrainPlan.from_dict(json.loads(path.read_text())) if path.exists() else None
+    def saved_plan(self, checkpoint_dir: str) -> Optional[TrainPlan]:
+        """The checkpoint's plan if it was made from these settings (a resume on other settings plans anew)."""
+        path = Path(checkpoint_dir) / self.FILE
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        return TrainPlan.from_dict(saved["plan"]) if saved.get("settings") == self.settings else None
 
 
 def all_ranks_max(value: float) -> float:
