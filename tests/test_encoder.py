@@ -59,7 +59,10 @@ def test_encoder_trains_on_two_workers_and_evaluates(encoder_pipeline):
     preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 100 and all(p["predicted"] in DOMAINS and 0 < p["probability"] <= 1 for p in preds)
     report = json.loads((run / "data_report.json").read_text())
-    assert report["tokens"]["train"]["rows"] == 300 and report["max_length"] == 64
+    assert report["tokens"]["train"]["rows"] == 300
+    fitted = report["format"]  # max_length from the texts: [CLS] + the longest text + [SEP], rounded up to 8
+    assert report["max_length"] == fitted["max_length"] == 8 * -(-(2 + fitted["text_tokens_max"]) // 8)
+    assert fitted["texts_cut"] == 0
     assert list((run / "ray_train").glob("checkpoint_*/checkpoint/adapter_model.safetensors"))
 
 
