@@ -135,6 +135,7 @@ class ConsoleStream:
             while "\n" in self._line:
                 line, self._line = self._line.split("\n", 1)
                 self._emit(line)
+                self._project = project and bool(self._line)  # more of this write: the same caller's
         return len(s)
 
     def _emit(self, line: str) -> None:

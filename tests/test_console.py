@@ -206,6 +206,6 @@ def test_say_reaches_the_console_from_anywhere(tmp_path):
     real = io.StringIO()
     stream = console.ConsoleStream(real, log)
     code = {"__name__": "some.library", "console": console, "stream": stream}
-    exec("console.say('macro_f1=0.9', file=stream)\nstream.write('library chatter\\n')", code)
-    assert real.getvalue() == "macro_f1=0.9\n"
-    assert (tmp_path / "step.log").read_text().splitlines()[-2:] == ["macro_f1=0.9", "library chatter"]
+    exec("console.say('\\nrun x: /runs/x', file=stream)\nstream.write('library chatter\\n')", code)
+    assert real.getvalue() == "\nrun x: /runs/x\n"
+    assert (tmp_path / "step.log").read_text().splitlines()[-2:] == ["run x: /runs/x", "library chatter"]
