@@ -56,10 +56,6 @@ class ModelKind:
         """A training row's tokens, and the kind's own columns for it (a completion mask, a label id)."""
         raise NotImplementedError
 
-    def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
-        """A text's tokens at inference."""
-        raise NotImplementedError
-
     # -- training and export -----------------------------------------------------------------------------------
     def build_trainer(
         self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any

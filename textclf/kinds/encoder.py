@@ -189,9 +189,6 @@ class EncoderKind(ModelKind):
     def training_row(self, tokenizer, fmt: PromptFormat, text: str, label: str) -> tuple[Encoded, dict[str, Any]]:
         return encode(tokenizer, fmt, text), {"label_id": fmt.labels.index(label)}
 
-    def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
-        return encode(tokenizer, fmt, text)
-
     def build_trainer(
         self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):

@@ -50,9 +50,6 @@ class GenerativeKind(ModelKind):
         e = fmt.encode(tokenizer, text, label)
         return e, {"completion_mask": e.completion_mask}
 
-    def encode(self, tokenizer, fmt: PromptFormat, text: str) -> Encoded:
-        return fmt.encode(tokenizer, text)
-
     def build_trainer(
         self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):
