@@ -37,6 +37,17 @@ def text_problem(text: str) -> Optional[str]:
     return None
 
 
+def check_texts(texts: list[str], field: str) -> None:
+    """Refuse unreadable texts, naming the indices (the first 10) of each kind of problem under `field`."""
+    problems: dict[str, list[int]] = {}
+    for i, t in enumerate(texts):
+        problem = text_problem(t)
+        if problem:
+            problems.setdefault(problem, []).append(i)
+    if problems:
+        raise ValueError("; ".join(f"{field} {idx[:10]}: {p}" for p, idx in problems.items()))
+
+
 Threshold = Optional[StrictFloat]  # strict: "0.5" or true are refused, not converted
 
 
@@ -73,13 +84,7 @@ class BatchRequest(BaseModel):
     @field_validator("texts")
     @classmethod
     def _readable(cls, v: list[str]) -> list[str]:
-        problems: dict[str, list[int]] = {}
-        for i, t in enumerate(v):
-            problem = text_problem(t)
-            if problem:
-                problems.setdefault(problem, []).append(i)
-        if problems:
-            raise ValueError("; ".join(f"texts {idx[:10]}: {p}" for p, idx in problems.items()))
+        check_texts(v, "texts")
         return v
 
 

@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
-from .api import text_problem
+from .api import check_texts, text_problem
 
 
 class VllmClassifyRequest(BaseModel):
@@ -37,13 +37,7 @@ class VllmClassifyRequest(BaseModel):
             return v
         if not v:
             raise ValueError("input: an empty list")
-        problems: dict[str, list[int]] = {}
-        for i, t in enumerate(v):
-            problem = text_problem(t)
-            if problem:
-                problems.setdefault(problem, []).append(i)
-        if problems:
-            raise ValueError("; ".join(f"input {idx[:10]}: {p}" for p, idx in problems.items()))
+        check_texts(v, "input")
         return v
 
     @property
