@@ -1,6 +1,6 @@
 # make run  : the whole pipeline on the embedded defaults (local Ray, bundled CLINC150 subset, SmolLM2-135M)
 # make test : the test suite (unit tests, then the real stack end to end on a small subset)
-# make compare : both model kinds (generative LLM, encoder) trained, evaluated and served side by side: runs/compare.md
+# make compare : every model kind (generative LLM, encoder, decoder-head) trained, evaluated and served side by side: runs/compare.md
 # make seeds [ARGS="--kind encoder --seeds 1,2,3"] : one kind's pipeline at several training seeds: runs/seeds-<kind>.md
 # make bench-data ARGS="--train-file ... --test-file ... [--kinds encoder,generative]" : one row per kind appended to
 #              bench/results/datasets.md
@@ -61,7 +61,7 @@ test-cluster: install
 bench: install
 	$(PY) -m bench.pipeline_throughput $(ARGS)
 
-# Both kinds on the bundled data with their defaults (~20 minutes on 2 cores); ARGS="--smoke" for a plumbing check.
+# Every kind on the bundled data with its defaults (~40 minutes on 2 cores); ARGS="--smoke" for a plumbing check.
 compare: install
 	$(PY) -m bench.compare $(ARGS)
 

@@ -1,6 +1,6 @@
-"""Benchmark, not a test: the generative and the encoder kind side by side on the same data, in one run.
+"""Benchmark, not a test: the model kinds (every registered one by default) side by side on the same data, in one run.
 
-    python -m bench.compare [--smoke] [--kinds generative,encoder] [--out runs/compare.md] [--key value ...]
+    python -m bench.compare [--smoke] [--kinds encoder,decoder-head] [--out runs/compare.md] [--key value ...]
 
 For each kind: the whole pipeline with that kind's defaults (prepare, Ray Train, export, Ray Data + vLLM evaluation),
 then the run's merged model served by the Serve app (serve_app/config.yaml's settings, one replica, `make serve`'s
@@ -23,6 +23,7 @@ from typing import Any
 from bench.serve_compare import result_path
 from ray_jobs.common import setup_logging
 from ray_jobs.pipeline import run_pipeline
+from textclf import kinds
 from textclf.config import PROJECT_ROOT, config_overrides, load_config
 
 SMOKE_CONFIG = PROJECT_ROOT / "configs" / "smoke.yaml"
@@ -80,16 +81,16 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         ),
         ("pipeline total (s)", lambda r: f"{r['timings']['total_s']:.0f}"),
     ]
-    kinds = list(results)
-    lines = ["| | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
-    lines += [f"| {name} | " + " | ".join(fmt(results[k]) for k in kinds) + " |" for name, fmt in rows]
+    columns = list(results)
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(fmt(results[k]) for k in columns) + " |" for name, fmt in rows]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="configs/smoke.yaml and a short load: a plumbing check")
-    ap.add_argument("--kinds", default="generative,encoder")
+    ap.add_argument("--kinds", default=",".join(kinds.names()), help="comma-separated (default: every registered kind)")
     ap.add_argument("--out", default=None, help="default: <runs-dir>/compare.md")
     ap.add_argument("--duration", type=float, default=None, help="served load: measured seconds (default 20; smoke 5)")
     ap.add_argument("--concurrency", type=int, default=48, help="served load: concurrent requests (closed loop)")
@@ -120,7 +121,7 @@ def main(argv=None) -> None:
         else "each kind's defaults on the bundled CLINC150 10-domain data"
     )
     text = (
-        f"# Generative vs encoder classifier ({time.strftime('%Y-%m-%d %H:%M')}, one run on this machine)\n\n"
+        f"# Model kinds side by side ({time.strftime('%Y-%m-%d %H:%M')}, one run on this machine)\n\n"
         f"{note}; served: serve_app/config.yaml's settings, one replica, `make serve`'s serving environment, "
         f"bench.serve_compare's closed loop at {args.concurrency} concurrent for {duration:.0f} s (after a warm-up), "
         f"the load client on the same machine.\n\n"
