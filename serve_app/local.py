@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 # The defaults `make serve` and the benchmarks use (README, "Serving performance").
 SERVE_ENV = {
@@ -78,7 +78,7 @@ class LocalServe:
         self.temp = tempfile.mkdtemp(prefix="rsl", dir="/tmp")
 
     def __enter__(self) -> "LocalServe":
-        if "ray.serve" in sys.modules:
+        if self.env and "ray.serve" in sys.modules:  # an empty env sets nothing ray.serve reads at import
             raise RuntimeError("set the serving environment before importing ray.serve (it is read at import)")
         os.environ.update(self.env)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,10 +101,10 @@ class LocalServe:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def run(self, app: Any, name: str = "textclf") -> None:
+    def run(self, app: Any, name: str = "textclf", route_prefix: str = "/") -> None:
         from ray import serve
 
-        serve.run(app, name=name, route_prefix="/")
+        serve.run(app, name=name, route_prefix=route_prefix)
 
     def __exit__(self, *exc) -> None:
         import ray
@@ -139,14 +139,19 @@ def our_vllm_processes(marker: Optional[str] = None) -> list[int]:
     return found
 
 
-def wait_no_vllm(marker: Optional[str] = None, timeout: float = 60.0) -> None:
-    """Wait until the vLLM processes this process started have exited (they release cores and memory)."""
+def wait_no_vllm(marker: Optional[str] = None, timeout: float = 60.0, besides: Collection[int] = ()) -> None:
+    """Wait until the vLLM processes this process started, other than `besides` (say, another app's engine), have
+    exited (they release cores and memory)."""
+
+    def left() -> list[int]:
+        return sorted(set(our_vllm_processes(marker)) - set(besides))
+
     t_end = time.time() + timeout
     while time.time() < t_end:
-        if not our_vllm_processes(marker):
+        if not left():
             return
         time.sleep(0.5)
-    raise RuntimeError(f"vLLM processes still running after {timeout}s: {our_vllm_processes(marker)}")
+    raise RuntimeError(f"vLLM processes still running after {timeout}s: {left()}")
 
 
 os.environ.setdefault("TEXTCLF_OWNER", str(os.getpid()))  # inherited by every process this one starts

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from conftest import SMALL, run_step
+from support import SMALL, run_step
 
 pytestmark = pytest.mark.e2e
 

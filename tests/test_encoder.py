@@ -5,9 +5,10 @@ head, the merge, vLLM's pooling runner evaluating over Ray Data, then the same S
 import json
 import time
 
-import httpx
 import pytest
-from conftest import DOMAINS, ONE_REPLICA, TEST_ARGS, our_vllm_processes, run_step, shutdown_serve
+from support import DOMAINS, ONE_REPLICA, TEST_ARGS, deployed, run_step
+
+from serve_app.local import our_vllm_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -78,21 +79,16 @@ def test_encoder_export(encoder_pipeline):
     assert [config["id2label"][str(i)] for i in range(len(meta["labels"]))] == meta["labels"]  # vLLM's class i
 
 
-@pytest.fixture(scope="module")
-def encoder_app(encoder_pipeline, cluster):  # the pipeline (its own Ray) finishes before this module's Ray starts
-    from ray import serve
-
+def encoder_app_of(run):
     from serve_app.app import app_from_config
 
-    t0 = time.time()
-    serve.run(
-        app_from_config(run=str(encoder_pipeline[0]), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
-        name="textclf",
-        route_prefix="/",
-    )
-    print(f"\n[encoder] app up in {time.time() - t0:.1f}s")
-    with httpx.Client(base_url=cluster["url"], timeout=120) as client:
-        yield client
+    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=ONE_REPLICA)
+
+
+@pytest.fixture(scope="module")
+def encoder_app(encoder_pipeline, cluster):  # the pipeline (its own Ray) finishes before this module's Ray starts
+    with deployed(cluster, encoder_app_of(encoder_pipeline[0]), "textclf") as served:
+        yield served.client
 
 
 def test_encoder_served_over_http(encoder_app):
@@ -125,6 +121,8 @@ def test_encoder_served_predictions_match_evaluation(encoder_app, encoder_pipeli
     assert res["n"] == 100 and res["rate"] >= 0.99
 
 
-def test_encoder_shutdown_leaves_no_vllm_processes(cluster, encoder_app):
-    assert our_vllm_processes(), "expected a running engine before shutdown"
-    assert shutdown_serve(cluster) == []
+def test_encoder_app_deletion_leaves_no_vllm_processes(encoder_pipeline, cluster):
+    with deployed(cluster, encoder_app_of(encoder_pipeline[0]), "own") as own:
+        assert own.engines, "expected a running engine before the deletion"
+        own.delete()  # raises while a vLLM process started since the app's deployment is left
+        assert not set(own.engines) & set(our_vllm_processes())

@@ -1,5 +1,5 @@
 import pytest
-from conftest import DOMAINS
+from support import DOMAINS
 
 from textclf.prompts import PromptFormat
 

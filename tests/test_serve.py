@@ -1,43 +1,44 @@
 """The real Serve app end to end: local Ray (embedded), Ray Serve with the FastAPI ingress, a vLLM CPU engine and a
 small model the session trains once (conftest's tiny pipeline run, shared with test_e2e).
 
-One app (the run's merged model, from serve_app/config.yaml) serves every endpoint and bad-input test, then the
-served predictions are compared with the evaluation job's, then the engine is killed (503, /ready false). A
-second app on the same cluster serves two LoRA adapters from one engine. Last, Serve shuts down and no vLLM
-process of this module may remain.
+One app (the run's merged model, from serve_app/config.yaml) serves the endpoint and bad-input tests and is compared
+with the evaluation job's predictions. Tests that break or remove an app deploy one of their own on the same cluster
+(the engine kill: 503, /ready false; the deletion: no vLLM process left), as does the test of two LoRA adapters on
+one engine; each is deleted after its test.
 """
 
 import asyncio
 import json
 import os
 import shutil
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ONE_REPLICA, TEST_ARGS, our_vllm_processes, shutdown_serve
+from support import ONE_REPLICA, TEST_ARGS, deployed
 
-ROOT = Path(__file__).resolve().parent.parent
+from serve_app.local import our_vllm_processes
+
 pytestmark = pytest.mark.e2e
+
+
+def merged_app(run):
+    from serve_app.app import app_from_config
+
+    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=ONE_REPLICA)
 
 
 @pytest.fixture(scope="module")
 def app(cluster, tiny_run):
-    from ray import serve
+    with deployed(cluster, merged_app(tiny_run), "textclf") as served:
+        yield served.client
 
-    from serve_app.app import app_from_config
 
-    t0 = time.time()
-    serve.run(
-        app_from_config(run=str(tiny_run), **TEST_ARGS, deployment_overrides=ONE_REPLICA),
-        name="textclf",
-        route_prefix="/",
-    )
-    print(f"\n[serve] merged app up in {time.time() - t0:.1f}s")
-    with httpx.Client(base_url=cluster["url"], timeout=120) as client:
-        yield client
+@pytest.fixture
+def own_app(cluster, tiny_run):
+    """The merged model as an app of the test's own, deleted after it."""
+    with deployed(cluster, merged_app(tiny_run), "own") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +139,9 @@ def test_bad_batches(app):
         assert r.status_code == 422 and r.json()["error"]["message"], bad
 
 
-def test_bad_requests_do_not_disturb_good_ones(app, cluster, labels):
+def test_bad_requests_do_not_disturb_good_ones(app, labels):
     async def go():
-        async with httpx.AsyncClient(base_url=cluster["url"], timeout=120) as c:
+        async with httpx.AsyncClient(base_url=app.base_url, timeout=120) as c:
             good = [c.post("/classify", json={"text": f"transfer {i} dollars to savings"}) for i in range(12)]
             bad = [c.post("/classify", **kw) for _, kw, _ in BAD]
             return await asyncio.gather(*good, *bad)
@@ -156,6 +157,9 @@ def test_bad_requests_do_not_disturb_good_ones(app, cluster, labels):
 
 
 def test_metrics(app):
+    assert app.post("/classify", json={"text": "what is my balance"}).status_code == 200
+    assert app.post("/classify", json={"text": ""}).status_code == 422
+    assert app.post("/classify", json={"text": "please move money between my accounts " * 100}).json()["truncated"]
     text = app.get("/metrics").text
     assert 'textclf_requests_total{endpoint="/classify",status="200"}' in text
     assert 'textclf_requests_total{endpoint="/classify",status="422"}' in text
@@ -165,7 +169,6 @@ def test_metrics(app):
 
 
 def test_served_predictions_match_evaluation(app, tiny_run):
-    sys.path.insert(0, str(ROOT))
     from serve_app.check import agreement
 
     res = agreement(app, tiny_run, batch=40)
@@ -181,32 +184,39 @@ def test_special_tokens_in_a_text_are_classified_as_text(app, labels):
     assert r.status_code == 200 and r.json()["label"] in labels, r.text
 
 
-def test_engine_failure_gives_503_and_not_ready(app):
-    pids = our_vllm_processes()
-    assert pids, "no vLLM engine process found"
-    for pid in pids:
+# -- apps of a test's own: broken or deleted -------------------------------------------------------------------
+
+
+def test_engine_failure_gives_503_and_not_ready(own_app):
+    client = own_app.client
+    assert own_app.engines, "no vLLM engine process found"
+    for pid in own_app.engines:
         os.kill(pid, 9)
     deadline = time.time() + 30
     while time.time() < deadline:
-        r = app.post("/classify", json={"text": "hello"})
+        r = client.post("/classify", json={"text": "hello"})
         if r.status_code == 503:
             break
         time.sleep(0.5)
     assert r.status_code == 503 and r.json()["error"]["message"] and r.headers["retry-after"], r.text
-    r = app.get("/ready")
+    r = client.get("/ready")
     assert r.status_code == 503 and r.json()["ready"] is False and r.json()["reason"]
-    assert app.get("/health").status_code == 200  # the process still answers; Serve's health check replaces it
+    assert client.get("/health").status_code == 200  # the process still answers; Serve's health check replaces it
+
+
+def test_deleting_the_app_leaves_no_vllm_processes(own_app):
+    assert own_app.engines, "expected a running engine before the deletion"
+    own_app.delete()  # raises while a vLLM process started since the app's deployment is left
+    assert not set(own_app.engines) & set(our_vllm_processes())
 
 
 # -- two adapters on one engine ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lora_app(cluster, tiny_run, tmp_path_factory):
     """`tickets`: the run's adapter. `legal`: a copy with another label set whose labels share their first token,
     so it takes the constrained multi-step path."""
-    from ray import serve
-
     from serve_app.app import app_from_config
 
     legal = tmp_path_factory.mktemp("legal") / "adapter"
@@ -214,17 +224,11 @@ def lora_app(cluster, tiny_run, tmp_path_factory):
     meta = json.loads((legal / "classifier.json").read_text())
     meta["labels"] = meta["prompt"]["labels"] = ["contract dispute", "contract renewal", "privacy request"]
     (legal / "classifier.json").write_text(json.dumps(meta))
-    t0 = time.time()
-    serve.run(
-        app_from_config(
-            adapters={"tickets": str(tiny_run), "legal": str(legal)}, **TEST_ARGS, deployment_overrides=ONE_REPLICA
-        ),
-        name="textclf",
-        route_prefix="/",
+    lora = app_from_config(
+        adapters={"tickets": str(tiny_run), "legal": str(legal)}, **TEST_ARGS, deployment_overrides=ONE_REPLICA
     )
-    print(f"\n[serve] LoRA app up in {time.time() - t0:.1f}s")
-    with httpx.Client(base_url=cluster["url"], timeout=300) as client:
-        yield client
+    with deployed(cluster, lora, "lora", timeout=300) as served:
+        yield served.client
 
 
 def test_two_adapters(lora_app, labels):
@@ -241,8 +245,3 @@ def test_two_adapters(lora_app, labels):
     assert d.json()["model"] == "tickets"
     u = lora_app.post("/classify", json={"text": "x", "model": "medical"})
     assert u.status_code == 404 and sorted(u.json()["error"]["detail"]["valid"]) == ["legal", "tickets"]
-
-
-def test_shutdown_leaves_no_vllm_processes(cluster):
-    assert our_vllm_processes(), "expected a running engine before shutdown"
-    assert shutdown_serve(cluster) == []
