@@ -74,12 +74,13 @@ bench-data: install
 # The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
 # Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.
 # The serving environment (direct ingress etc., serve_app/local.py SERVE_ENV) must be set before Ray starts.
+# serve_app.local --serve-run is `serve run` with Ray's metrics on 127.0.0.1:8100 (serve_app/README.md, "Metrics").
 serve: install
 	@echo "textclf: http://127.0.0.1:8000 (Serve proxy, spreads over replicas); fastest: each replica's own port," \
 		"http://127.0.0.1:8001, 8002, ... (direct ingress; see serve_app/README.md)"
 	env $$($(PY) -m serve_app.local --env) TEXTCLF_RUN="$(RUN)" \
 		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1 \
-		$(VENV)/bin/serve run serve_app/config.yaml
+		$(PY) -m serve_app.local --serve-run serve_app/config.yaml
 
 loadtest: install
 	$(PY) -m bench.loadtest --url $(URL) $(ARGS)

@@ -4,5 +4,5 @@ app.py            the deployment (one vLLM engine per replica) and the builders 
 api.py            the FastAPI app over textclf.serving.Classifiers: routes, middleware, error answers
 engine.py         textclf.serving.Engine over vLLM's AsyncLLM
 cpu_placement.py  each replica's engine on its own CPU cores
-state.py          the replica's Prometheus metrics
+metrics.py        the app's metrics, through Ray's metrics system
 """

@@ -1,6 +1,6 @@
 """The HTTP API: a FastAPI app over a `textclf.serving.Classifiers`, with the request-edge middleware (body limit,
 metrics) and the mapping of errors to JSON answers. Built per replica by the Serve deployment (serve_app/app.py),
-and without Ray in the unit tests."""
+and without Ray in the unit tests. Its metrics go to Ray's metrics system (serve_app/metrics.py), not to a route."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ from typing import Any, Iterable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app import state
+from serve_app.metrics import AppMetrics
 from textclf.serving import (
     BatchRequest,
     ClassificationResponse,
@@ -99,13 +98,13 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 class HttpEdge:
-    """Request counts and latency for /metrics, and the body limit: bodies over max_body_bytes get 413, by
+    """Request counts and latency (AppMetrics), and the body limit: bodies over max_body_bytes get 413, by
     Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
     (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
     hundreds of requests per second."""
 
-    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int):
-        self.app, self.limit = app, max_body_bytes
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int, metrics: AppMetrics):
+        self.app, self.limit, self.metrics = app, max_body_bytes, metrics
         # built at the first request, when every route is registered; other paths count as "other"
         self.endpoints = frozenset(getattr(r, "path", "") for r in routes) - {""}
 
@@ -141,8 +140,7 @@ class HttpEdge:
 
             return await self.app(scope, limited, send_status)
         finally:
-            state.REQUESTS.labels(endpoint, str(status)).inc()
-            state.LATENCY.labels(endpoint).observe(time.perf_counter() - t0)
+            self.metrics.request(endpoint, status, time.perf_counter() - t0)
 
 
 def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
@@ -168,15 +166,8 @@ def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
         return ErrorResponse(500, f"internal error: {type(exc).__name__}")
 
 
-def record(results: list[dict[str, Any]]) -> None:
-    for r in results:
-        state.PREDICTIONS.labels(r["model"], r["label"] or "").inc()
-        if r["truncated"]:
-            state.TRUNCATED.labels(r["model"]).inc()
-
-
-def create_api(classifiers: Classifiers) -> FastAPI:
-    """The app's routes over these classifiers."""
+def create_api(classifiers: Classifiers, metrics: AppMetrics) -> FastAPI:
+    """The app's routes over these classifiers, recording to these metrics."""
     cfg = classifiers.cfg
     started = int(time.time())
     api = FastAPI(
@@ -185,7 +176,7 @@ def create_api(classifiers: Classifiers) -> FastAPI:
         description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
         "classifier's labels (or null below the abstain threshold), with its probability.",
     )
-    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes)
+    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
     add_error_handlers(api, cfg.retry_after_s)
 
     @api.post(
@@ -201,11 +192,11 @@ def create_api(classifiers: Classifiers) -> FastAPI:
         if is_vllm_request(data):
             vreq = validate(data, VllmClassifyRequest)
             results = await classifiers.classify(vreq.texts, vreq.model, details=True)
-            record(results)
+            metrics.results(results)
             return classification_response(results[0]["model"], results)
         req = validate(data, ClassifyRequest)
         (r,) = await classifiers.classify([req.text], req.model, req.abstain_threshold)
-        record([r])
+        metrics.results([r])
         return r
 
     @api.post(
@@ -218,7 +209,7 @@ def create_api(classifiers: Classifiers) -> FastAPI:
     async def classify_batch(request: Request) -> list[dict[str, Any]]:
         req = parse_request(await request.body(), BatchRequest, cfg.max_batch)
         results = await classifiers.classify(req.texts, req.model, req.abstain_threshold)
-        record(results)
+        metrics.results(results)
         return results
 
     @api.get("/health", summary="Liveness: the replica process answers")
@@ -263,9 +254,5 @@ def create_api(classifiers: Classifiers) -> FastAPI:
             "max_batch": cfg.max_batch,
             "max_text_chars": cfg.max_text_chars,
         }
-
-    @api.get("/metrics", summary="Prometheus metrics of this replica", response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(state.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return api

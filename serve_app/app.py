@@ -23,6 +23,7 @@ from ray import serve
 from serve_app.api import create_api
 from serve_app.cpu_placement import bind_cores, engine_on_its_cores
 from serve_app.engine import VllmEngine
+from serve_app.metrics import serve_metrics
 from textclf.serving import Classifiers, ServeConfig, pin_model, resolve_plan
 
 log = logging.getLogger("ray.serve")
@@ -47,6 +48,7 @@ class ClassifierServer:
         with engine_on_its_cores(mask):
             self.engine = VllmEngine(self.plan, self.cfg)
         self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
+        self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
         log.info(
             "textclf: engine %s ready in %.1fs (classifiers %s, cores %s)",
             self.plan.engine_model,
@@ -56,7 +58,7 @@ class ClassifierServer:
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.classifiers)
+        return create_api(self.classifiers, self.metrics)
 
     async def check_health(self) -> None:
         """Ray Serve's periodic check: a dead engine, or one that answers no probe text in time, fails it and Serve

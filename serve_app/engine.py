@@ -16,6 +16,7 @@ class VllmEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         kw = engine_kwargs(
             plan.engine_model,
@@ -27,11 +28,13 @@ class VllmEngine:
             runner=plan.runner,
         )
         self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
+        # no periodic stats log lines; with engine.stats the Ray logger still records vLLM's metrics (ray_vllm_*)
         kw["disable_log_stats"] = True
         self.loras = {
             s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir) for s in plan.classifiers.values() if s.adapter_dir
         }
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw))
+        loggers = [RayPrometheusStatLogger] if cfg.engine.stats else None
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=loggers)
 
     async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any:
         final = None

@@ -7,6 +7,12 @@ a third). The proxy keeps serving `http_options.port` and balances over all repl
 when the cluster starts, so they must be in the environment of `serve run` / `ray start`, not in the YAML:
 
     python -m serve_app.local --env      # prints them as KEY=VALUE lines (the Makefile's `make serve` uses it)
+
+Metrics: each node's Ray metrics agent serves every process's Ray metrics (the app's `ray_textclf_*`, vLLM's
+`ray_vllm_*`, Serve's own) in Prometheus text on the node's metrics export port. `serve run` starts its local Ray
+with a random one, so `make serve` runs it through this module on METRICS_PORT:
+
+    python -m serve_app.local --serve-run serve_app/config.yaml   # `serve run`, metrics on 127.0.0.1:8100
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ SERVE_ENV = {
     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8099",
     "RAY_worker_niceness": "0",  # Ray starts workers at nice 15: replicas then lose the CPU to anything else
 }
-
+# The metrics export port of `make serve`'s local Ray: outside direct ingress's 8001-8099 and Prometheus's own 9090.
+METRICS_PORT = 8100
 
 # Scripts that start and stop their own cluster: a replica keeps its direct-ingress port open 30 s after a stop by
 # default (for external load balancers to notice); nothing outside the script uses it.
@@ -57,6 +64,30 @@ def ingress_urls(app_name: str = "textclf") -> list[str]:
     return sorted(set(urls))
 
 
+def metrics_urls() -> list[str]:
+    """The Prometheus endpoint of every live node's Ray metrics agent (what Ray's service discovery file,
+    prom_metrics_service_discovery.json, lists for Prometheus)."""
+    import ray
+
+    return [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in ray.nodes()
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
+
+
+def serve_run(config: str, metrics_port: int = METRICS_PORT) -> None:
+    """`serve run CONFIG` on a local Ray whose metrics agent exports on `metrics_port` (`serve run` only starts
+    Ray when none is initialized in its process, and then on a random port). With RAY_ADDRESS it deploys to that
+    cluster, whose ports are its own."""
+    import ray
+    from ray.serve.scripts import cli
+
+    if not os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace="serve", _metrics_export_port=metrics_port)  # serve run's own namespace
+    cli.main(args=["run", config], prog_name="serve")
+
+
 class LocalServe:
     """A Ray cluster of our own (own temp dir, random ports, 127.0.0.1) with Serve's proxy on a free port.
     Environment variables in `env` are set before Ray starts (the direct-ingress settings must be)."""
@@ -67,6 +98,7 @@ class LocalServe:
         num_cpus: int = 2,
         http_port: Optional[int] = None,
         di_ports: Optional[tuple[int, int]] = None,
+        metrics_port: Optional[int] = None,
     ):
         self.env = dict(SCRIPT_ENV if env is None else env)
         if di_ports and self.env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
@@ -75,6 +107,7 @@ class LocalServe:
             )
         self.num_cpus = num_cpus
         self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()  # the node's Prometheus endpoint (metrics_url)
         self.temp = tempfile.mkdtemp(prefix="rsl", dir="/tmp")
 
     def __enter__(self) -> "LocalServe":
@@ -92,6 +125,7 @@ class LocalServe:
             _temp_dir=self.temp,
             log_to_driver=False,
             _node_ip_address="127.0.0.1",
+            _metrics_export_port=self.metrics_port,
             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}},
         )
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
@@ -100,6 +134,10 @@ class LocalServe:
     @property
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def run(self, app: Any, name: str = "textclf", route_prefix: str = "/") -> None:
         from ray import serve
@@ -160,5 +198,7 @@ os.environ.setdefault("TEXTCLF_OWNER", str(os.getpid()))  # inherited by every p
 if __name__ == "__main__":
     if sys.argv[1:] == ["--env"]:
         print("\n".join(f"{k}={v}" for k, v in SERVE_ENV.items()))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--serve-run":
+        serve_run(sys.argv[2])
     else:
         sys.exit(__doc__)

@@ -52,3 +52,49 @@ def make_classifiers(tokenizer, meta: Optional[dict] = None, **cfg) -> tuple[Cla
     engine = FakeEngine({firsts[0]: math.log(0.2), firsts[1]: math.log(0.7), firsts[2]: math.log(0.1)})
     cfg = ServeConfig(**{"max_batch": 4, "max_text_chars": 5000, "top_k": 2, **cfg})
     return Classifiers(cfg, plan, engine, tokenizers={"clf": tokenizer}), engine, fmt
+
+
+class RecordedMetric:
+    """A stand-in for Ray's Counter/Histogram classes (same constructor and record calls) that keeps each record;
+    like Ray, it refuses missing or unknown tags and non-string tag values."""
+
+    def __init__(self, name: str, description: str = "", boundaries: Optional[list] = None, tag_keys=()):
+        self.name, self.boundaries, self.tag_keys = name, boundaries, tuple(tag_keys)
+        self.records: list[tuple[dict[str, str], float]] = []
+
+    def inc(self, value: float = 1.0, tags: Optional[dict[str, str]] = None) -> None:
+        assert value > 0, "Ray's Counter refuses values <= 0"
+        self._record(value, tags or {})
+
+    def observe(self, value: float, tags: Optional[dict[str, str]] = None) -> None:
+        self._record(value, tags or {})
+
+    def _record(self, value: float, tags: dict[str, str]) -> None:
+        if set(tags) != set(self.tag_keys):
+            raise ValueError(f"{self.name}: tags {sorted(tags)}, expected {sorted(self.tag_keys)}")
+        if not all(isinstance(v, str) for v in tags.values()):
+            raise TypeError(f"{self.name}: tag values must be str: {tags}")
+        self.records.append((dict(tags), value))
+
+    def totals(self, *keys: str) -> dict[tuple[str, ...], float]:
+        """The sum of records by the values of these tags."""
+        out: dict[tuple[str, ...], float] = {}
+        for tags, value in self.records:
+            k = tuple(tags[key] for key in keys)
+            out[k] = out.get(k, 0) + value
+        return out
+
+    def counts(self, *keys: str) -> dict[tuple[str, ...], int]:
+        """The number of records (observations) by the values of these tags."""
+        out: dict[tuple[str, ...], int] = {}
+        for tags, _ in self.records:
+            k = tuple(tags[key] for key in keys)
+            out[k] = out.get(k, 0) + 1
+        return out
+
+
+def recorded_metrics():
+    """The app's AppMetrics over RecordedMetric."""
+    from serve_app.metrics import AppMetrics
+
+    return AppMetrics(RecordedMetric, RecordedMetric)

@@ -3,20 +3,28 @@ Retry-After, admission by texts in progress, the health probe, bad input."""
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serving_fakes import make_classifiers
+from serving_fakes import make_classifiers, recorded_metrics
 
 from serve_app.api import create_api
 from textclf.serving import EngineUnavailable, ServeConfig
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def client_for(tokenizer, **cfg):
     clf, engine, _ = make_classifiers(tokenizer, **cfg)
-    return TestClient(create_api(clf), raise_server_exceptions=False), clf, engine
+    metrics = recorded_metrics()
+    client = TestClient(create_api(clf, metrics), raise_server_exceptions=False)
+    client.metrics = metrics  # what the app recorded, for the metrics tests
+    return client, clf, engine
 
 
 @pytest.fixture
@@ -129,7 +137,7 @@ def test_health_check_does_not_kill_a_busy_replica(tokenizer):
 
 def test_admission_counts_texts_and_refuses_beyond_the_limit(tokenizer):
     clf, engine, _ = make_classifiers(tokenizer, max_inflight_texts=5, retry_after_s=2)
-    app = create_api(clf)
+    app = create_api(clf, recorded_metrics())
 
     async def go():
         engine.gate = asyncio.Event()
@@ -282,7 +290,7 @@ def test_openapi_documents_every_route_and_both_request_shapes(api):
     c, _, _ = api
     doc = c.get("/openapi.json").json()
     paths = doc["paths"]
-    assert set(paths) == {"/classify", "/classify/batch", "/health", "/ready", "/labels", "/metrics", "/v1/models"}
+    assert set(paths) == {"/classify", "/classify/batch", "/health", "/ready", "/labels", "/v1/models"}
     one = paths["/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]["anyOf"]
     assert [sorted(s["required"]) for s in one] == [["text"], ["input"]]
     batch = paths["/classify/batch"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -384,9 +392,49 @@ def test_errors_are_in_openai_shape_with_retry_after(tokenizer):
 def test_metrics_count_by_route(api):
     c, _, _ = api
     c.post("/classify", json={"text": "hi"})
+    c.post("/classify", json={"text": ""})
     c.get("/docs")
     c.get("/not/a/route")
-    text = c.get("/metrics").text
-    assert 'textclf_requests_total{endpoint="/classify",status="200"}' in text
-    assert 'textclf_requests_total{endpoint="/docs",status="200"}' in text
-    assert 'textclf_requests_total{endpoint="other",status="404"}' in text
+    c.get("/metrics")  # no route: the metrics are Ray's, scraped from each node
+    m = c.metrics
+    assert m.requests.totals("endpoint", "status") == {
+        ("/classify", "200"): 1,
+        ("/classify", "422"): 1,
+        ("/docs", "200"): 1,
+        ("other", "404"): 2,
+    }
+    assert m.latency.counts("endpoint") == {("/classify",): 2, ("/docs",): 1, ("other",): 2}
+    assert all(0 < seconds < 10 for _, seconds in m.latency.records)
+    assert m.latency.name == "textclf_request_latency_seconds" and m.latency.boundaries[0] == 0.005
+
+
+def test_metrics_are_rays_with_the_apps_names_and_tags():
+    # Ray's Serve metric classes, outside a replica (no Serve tags) and without a cluster; in a subprocess, as
+    # importing ray.serve here would change the logging and Serve settings of later tests
+    code = (
+        "import json; from serve_app.metrics import serve_metrics; m = serve_metrics(); "
+        "print(json.dumps([x.info for x in (m.requests, m.latency, m.predictions, m.truncated)]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    infos = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [[i["name"], i["tag_keys"]] for i in infos] == [
+        ["textclf_requests", ["endpoint", "status"]],
+        ["textclf_request_latency_seconds", ["endpoint"]],
+        ["textclf_predictions", ["model", "label"]],
+        ["textclf_truncated_texts", ["model"]],
+    ]
+    assert infos[1]["boundaries"][-1] == 60
+
+
+def test_metrics_count_predictions_by_label_and_truncated_texts(api):
+    c, _, _ = api
+    assert c.post("/classify/batch", json={"texts": ["a", "b", "word " * 200]}).status_code == 200
+    assert c.post("/classify", json={"text": "hi", "abstain_threshold": 0.9}).json()["label"] is None
+    assert c.post("/classify", json={"input": ["x", "y"]}).status_code == 200
+    m = c.metrics
+    assert m.predictions.totals("model", "label") == {("clf", "travel"): 5, ("clf", ""): 1}
+    assert len(m.predictions.records) == 3  # one record per label of an answer, not one per text
+    assert m.truncated.totals("model") == {("clf",): 1}
+    assert c.post("/classify/batch", json={"texts": ["a", "missing-model"], "model": "nope"}).status_code == 404
+    assert len(m.predictions.records) == 3  # refused requests predict nothing

@@ -19,6 +19,11 @@ class EngineOptions(BaseModel):
     kv_cache_gib: float = Field(0.5, gt=0)  # CPU: the KV cache size
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # GPU: the usual fraction
     max_lora_rank: Optional[int] = None  # default: the largest adapter rank, rounded up to one vLLM supports
+    stats: bool = Field(
+        True,
+        description="vLLM's engine statistics (queue, KV cache, token and latency histograms) as Ray metrics "
+        "(ray_vllm_*, tagged ReplicaId); false: the engine keeps none",
+    )
 
     def settings(self) -> EngineSettings:
         return EngineSettings(self.max_num_seqs, self.kv_cache_gib, self.gpu_memory_utilization)
