@@ -142,10 +142,11 @@ def shutdown_serve(cluster, timeout: float = 60) -> list[int]:
     return our_vllm_processes()
 
 
-def our_vllm_processes() -> list[int]:
-    """vLLM engine processes started by the serve tests (found by the marker in their environment)."""
+def our_vllm_processes(marker: str = MARKER, vllm_only: bool = True) -> list[int]:
+    """vLLM engine processes started by the serve tests (found by the marker, KEY=VALUE, in their environment);
+    with vllm_only False every process that carries it."""
     found = []
-    key = MARKER.encode()
+    key = marker.encode()
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
@@ -154,7 +155,7 @@ def our_vllm_processes() -> list[int]:
             name = (p / "comm").read_text() + (p / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if key in env.split(b"\0") and "VLLM" in name:
+        if key in env.split(b"\0") and ("VLLM" in name or not vllm_only):
             found.append(int(p.name))
     return found
 
