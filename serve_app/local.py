@@ -156,25 +156,31 @@ class LocalServe:
             wait_no_vllm()
 
 
-def our_vllm_processes(marker: Optional[str] = None) -> list[int]:
-    """VLLM:: engine processes that are children of this process tree or carry `marker` (KEY=VALUE) in their
-    environment."""
+def processes_with(entry: str, vllm_only: bool = True) -> list[int]:
+    """Processes that carry `entry` (KEY=VALUE) in their environment; with vllm_only, only vLLM's (VLLM:: engine
+    processes and vllm commands)."""
     found = []
-    key = marker.encode() if marker else None
-    me = os.environ["TEXTCLF_OWNER"].encode()
+    key = entry.encode()
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
-            comm = open(f"/proc/{p}/comm", "rb").read()
-            if b"VLLM" not in comm and b"vllm" not in open(f"/proc/{p}/cmdline", "rb").read():
-                continue
+            if vllm_only:
+                comm = open(f"/proc/{p}/comm", "rb").read()
+                if b"VLLM" not in comm and b"vllm" not in open(f"/proc/{p}/cmdline", "rb").read():
+                    continue
             env = open(f"/proc/{p}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if (key and key in env) or b"TEXTCLF_OWNER=" + me in env:
+        if key in env:
             found.append(int(p))
     return found
+
+
+def our_vllm_processes(marker: Optional[str] = None) -> list[int]:
+    """vLLM processes started from this process tree, or that carry `marker` (KEY=VALUE) in their environment."""
+    found = processes_with(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}")
+    return sorted(set(found + (processes_with(marker) if marker else [])))
 
 
 def wait_no_vllm(marker: Optional[str] = None, timeout: float = 60.0, besides: Collection[int] = ()) -> None:

@@ -340,6 +340,11 @@ def test_vllm_classify_a_list_uses_the_default_and_the_servers_threshold(tokeniz
         ({"input": ["x"] * 5}, 413),
         ({"input": "x" * 5001}, 413),
         ({"input": "ok", "truncate_prompt_tokens": 8}, 422),
+        ({"input": "ok", "add_special_tokens": False}, 422),
+        ({"input": "ok", "use_activation": False}, 422),
+        ({"input": "ok", "priority": 1}, 422),
+        ({"input": "ok", "cache_salt": "s"}, 422),
+        ({"input": "ok", "padding": "max_length"}, 422),
         ({"input": "ok", "abstain_threshold": 0.5}, 422),
     ],
 )
@@ -361,6 +366,28 @@ def test_vllm_classify_accepts_user_and_request_id(api):
     c, _, _ = api
     r = c.post("/classify", json={"input": "hi", "user": "u1", "request_id": "r1"})
     assert r.status_code == 200 and r.json()["data"][0]["label"] == "travel"
+
+
+def test_vllm_options_at_their_defaults_are_accepted(api):
+    c, _, _ = api
+    body = {"input": "hi", "truncate_prompt_tokens": -1, "use_activation": True, "add_special_tokens": True}
+    r = c.post("/classify", json={**body, "priority": 0, "padding": None, "cache_salt": None})
+    assert r.status_code == 200 and r.json()["data"][0]["label"] == "travel"
+
+
+def test_vllm_clients_own_request_and_response_models(api):
+    """A client built on vLLM's protocol classes: its request dumped whole (every option at vLLM's default) is
+    accepted, and the answer parses as vLLM's ClassificationResponse."""
+    from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest, ClassificationResponse
+
+    c, _, _ = api
+    req = ClassificationCompletionRequest(model="clf", input=["book me a flight", "hi"])
+    r = c.post("/classify", json=req.model_dump(mode="json"))
+    assert r.status_code == 200, r.text
+    resp = ClassificationResponse.model_validate(r.json())
+    assert resp.model == "clf"
+    assert [(d.index, d.label, d.num_classes) for d in resp.data] == [(0, "travel", 3), (1, "travel", 3)]
+    assert resp.data[0].probs == pytest.approx([0.2, 0.7, 0.1]) and resp.usage.prompt_tokens > 0
 
 
 def test_both_shapes_on_one_route(api):

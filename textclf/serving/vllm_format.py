@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
@@ -14,7 +14,8 @@ from .api import check_texts, text_problem
 
 
 class VllmClassifyRequest(BaseModel):
-    """vLLM's text input; token-id input, chat messages and the pooling options are not offered (refused)."""
+    """vLLM's text input; token-id input, chat messages and the pooling options other than their defaults are not
+    offered (refused)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -26,6 +27,18 @@ class VllmClassifyRequest(BaseModel):
     )
     user: Optional[StrictStr] = Field(None, max_length=256, description="Accepted and ignored, as OpenAI's.")
     request_id: Optional[StrictStr] = Field(None, max_length=256, description="Accepted and ignored.")
+    # vLLM's options, accepted at the values vLLM's own request model sends by default (a client that dumps the
+    # whole model works); any other value asks for something this server does not do, and is refused.
+    add_special_tokens: Literal[True] = Field(True, description="vLLM's default only: the prompt as trained.")
+    use_activation: Optional[Literal[True]] = Field(None, description="null or true only: probs are softmaxed.")
+    truncate_prompt_tokens: Optional[Literal[-1]] = Field(
+        None, description="null or -1 only: long texts are always cut at the classifier's prompt length."
+    )
+    padding: None = Field(None, description="null only.")
+    truncation_side: None = Field(None, description="null only.")
+    priority: Literal[0] = Field(0, description="0 only.")
+    mm_processor_kwargs: None = Field(None, description="null only.")
+    cache_salt: None = Field(None, description="null only.")
 
     @field_validator("input")
     @classmethod
