@@ -64,8 +64,14 @@ def serve_env(ingress: Optional[str] = None, haproxy_dir: Optional[str] = None) 
     return env
 
 
-def user_haproxy_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), f"haproxy-serve-{os.getuid()}")
+def user_haproxy_dir(create: bool = False) -> str:
+    """/tmp/haproxy-serve-<uid>; create: made (or reset to) mode 0700, since Ray makes HAProxy's admin socket in it
+    mode 666 (admin level), which the folder then keeps from other users."""
+    path = os.path.join(tempfile.gettempdir(), f"haproxy-serve-{os.getuid()}")
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
 
 
 # The defaults `make serve` and the benchmarks use.
@@ -103,8 +109,8 @@ def ingress_urls(app_name: str = "textclf") -> list[str]:
 class LocalServe:
     """A Ray cluster of our own (own temp dir, random ports, 127.0.0.1) with Serve's front end on a free port.
     Environment variables in `env` are set before Ray starts (the direct-ingress settings must be); the default is
-    the serving environment (`ingress` as in serve_env), with HAProxy's files in the temp dir and its other ports
-    free ones, so two of these (or one beside `make serve`) do not collide."""
+    the serving environment (`ingress` as in serve_env), with HAProxy's files in the temp dir (mode 0700, like
+    user_haproxy_dir) and its other ports free ones, so two of these (or one beside `make serve`) do not collide."""
 
     def __init__(
         self,
@@ -224,6 +230,7 @@ os.environ.setdefault("TEXTCLF_OWNER", str(os.getpid()))  # inherited by every p
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--env"]:
+        user_haproxy_dir(create=True)
         print("\n".join(f"{k}={v}" for k, v in SERVE_ENV.items()))
     elif sys.argv[1:] == ["--front-end"]:
         print(INGRESSES[ingress_choice()])

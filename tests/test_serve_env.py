@@ -51,6 +51,8 @@ def test_make_serve_env_lines_follow_the_switch():
     assert default["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert default["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(f"/tmp/haproxy-serve-{os.getuid()}/")
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in _env_lines({local.INGRESS_VAR: "proxy"})
+    # HAProxy's admin socket is mode 666: the folder keeps other users out
+    assert os.stat(local.user_haproxy_dir()).st_mode & 0o777 == 0o700
 
 
 def test_local_serve_gets_its_own_haproxy_files_and_ports():
@@ -59,6 +61,7 @@ def test_local_serve_gets_its_own_haproxy_files_and_ports():
         env = ls.env
         assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
         assert all(env[k].startswith(ls.temp) for k in local.HAPROXY_PATHS)
+        assert os.stat(ls.temp).st_mode & 0o777 == 0o700
         ports = [env[k] for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")]
         ports += [env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"], str(ls.http_port)]
         assert len(set(ports)) == 4 and "8404" not in ports and "9101" not in ports
