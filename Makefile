@@ -4,7 +4,7 @@
 # make seeds [ARGS="--kind encoder --seeds 1,2,3"] : one kind's pipeline at several training seeds: runs/seeds-<kind>.md
 # make bench-data ARGS="--train-file ... --test-file ... [--kinds encoder,generative]" : one row per kind appended to
 #              bench/results/datasets.md
-# make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000
+# make serve [RUN=runs/<name>] : serve the latest (or the given) run's exported model on 127.0.0.1:8000 (HAProxy)
 #              (Ray Serve + vLLM; stop with Ctrl-C or `RAY_AUTH_MODE=token serve shutdown -y`). See README, "Serving".
 # make loadtest [URL=http://127.0.0.1:8000] [ARGS="--rate 300"] : load-test a running service (bench/loadtest.py)
 # make bench-serve [MODEL=tiny-random-llama] : Serve ingress vs vLLM's own server vs a naive wrapper, one run
@@ -73,11 +73,12 @@ bench-data: install
 
 # The builder (serve_app.app:build_app) serves $TEXTCLF_RUN, else the latest exported run under runs/.
 # Without RAY_ADDRESS, `serve run` starts a local Ray; with it, it deploys to that cluster.
-# The serving environment (direct ingress etc., serve_app/local.py SERVE_ENV) must be set before Ray starts.
+# The serving environment (direct ingress, HAProxy on 8000, etc., serve_app/local.py SERVE_ENV) must be set before
+# Ray starts. TEXTCLF_SERVE_INGRESS=proxy puts Serve's Python proxy on 8000 instead of HAProxy.
 # serve_app.local --serve-run is `serve run` with Ray's metrics on 127.0.0.1:8100 (serve_app/README.md, "Metrics").
 serve: install
-	@echo "textclf: http://127.0.0.1:8000 (Serve proxy, spreads over replicas); fastest: each replica's own port," \
-		"http://127.0.0.1:8001, 8002, ... (direct ingress; see serve_app/README.md)"
+	@echo "textclf: http://127.0.0.1:8000 ($$($(PY) -m serve_app.local --front-end); spreads over the replicas," \
+		"follows autoscaling); one replica's own port: http://127.0.0.1:8001, 8002, ... (see serve_app/README.md)"
 	env $$($(PY) -m serve_app.local --env) TEXTCLF_RUN="$(RUN)" \
 		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" HF_HUB_OFFLINE=1 \
 		$(PY) -m serve_app.local --serve-run serve_app/config.yaml

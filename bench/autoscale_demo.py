@@ -4,9 +4,10 @@
     make autoscale-demo
 
 Starts the Serve app (serve_app/config.yaml; min 1, max 2 replicas of 1 CPU each, each engine on its own core
-via cpu_binding "slot") in a local Ray with the serving environment, drives load through the Serve proxy (which
-spreads it over the replicas): low, then high, then low again, and records the replica count once a second
-from Serve's own API (`serve.status()`: replicas per state). Writes bench/results/autoscale-<model>.json and .png.
+via cpu_binding "slot") in a local Ray with the serving environment, drives load through the Serve port (HAProxy
+by default, Serve's Python proxy with TEXTCLF_SERVE_INGRESS=proxy; both spread it over the replicas): low, then
+high, then low again, and records the replica count once a second from Serve's own API (`serve.status()`:
+replicas per state). Writes bench/results/autoscale-<model>.json and .png.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def main() -> None:
                 **{**serve_args({}), "model_dir": folder, "run": None},
             )
         )
+        front_end = cluster.front_end()
+        print(f"--- load through {cluster.proxy_url} ({front_end})", flush=True)
         samples: list = []
         stop = threading.Event()
         t0 = time.time()
@@ -168,14 +171,20 @@ def main() -> None:
             )
         stop.set()
         poller.join()
-    result = {"model": a.model, "autoscaling_config": autoscaling, "phases": phases, "replicas": samples}
+    result = {
+        "model": a.model,
+        "front_end": front_end,
+        "autoscaling_config": autoscaling,
+        "phases": phases,
+        "replicas": samples,
+    }
     path = RESULTS / f"autoscale-{slug}.json"
     path.write_text(json.dumps(result, indent=1))
     plot(
         samples,
         phases,
         RESULTS / f"autoscale-{slug}.png",
-        f"{a.model}: load {a.low} -> {a.high} -> {a.low} concurrent, replicas from serve.status()",
+        f"{a.model}: load {a.low} -> {a.high} -> {a.low} concurrent through {front_end}, replicas from serve.status()",
     )
     changes = [
         (s["t"], s["running"])

@@ -17,6 +17,7 @@ import psutil
 ROLES = (
     ("ray::ServeReplica", "Serve replica"),
     ("ray::ProxyActor", "Serve proxy"),
+    ("ray::HAProxyManager", "Serve HAProxy manager"),
     ("ray::ServeController", "Serve controller"),
     ("VLLM::EngineCore", "vLLM EngineCore"),
     ("VLLM::", "vLLM worker"),
@@ -31,6 +32,8 @@ def role(p: psutil.Process, me: int) -> str:
         return "load client"
     try:
         title = " ".join(p.cmdline()) or p.name()
+        if p.name() == "haproxy":  # Serve's HAProxy ingress (its binary may live anywhere)
+            return "HAProxy"
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return "other"
     for prefix, name in ROLES:

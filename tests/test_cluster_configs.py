@@ -148,3 +148,21 @@ def test_a_launcher_with_token_auth_must_copy_the_token_to_the_nodes():
     assert not validate.check_launcher(doc)
     doc["file_mounts"] = {k: v for k, v in doc["file_mounts"].items() if not k.endswith("/.ray/auth_token")}
     assert any("no node gets a token" in e for e in validate.check_launcher(doc))
+
+
+def test_serving_nodes_start_with_haproxy_and_direct_ingress(docs):
+    svc = copy.deepcopy(next(d for d in docs.values() if d["kind"] == "RayService"))
+    workers = svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    env = workers[0]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
+    workers[0]["template"]["spec"]["containers"][0]["env"] = [
+        e for e in env if e["name"] != "RAY_SERVE_ENABLE_HA_PROXY"
+    ]
+    errors = validate.check_rayservice(svc)
+    assert any("serving environment" in e and "gpu" in e for e in errors), errors
+    doc = yaml.safe_load(validate.LAUNCHER.read_text())
+    doc["worker_start_ray_commands"] = [
+        c.replace(" RAY_SERVE_ENABLE_HA_PROXY=1", "") for c in doc["worker_start_ray_commands"]
+    ]
+    errors = validate.check_launcher(doc)
+    assert any("worker_start_ray_commands" in e and "RAY_SERVE_ENABLE_HA_PROXY=1" in e for e in errors), errors

