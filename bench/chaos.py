@@ -29,6 +29,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -375,6 +376,15 @@ def run_scenario(sc: Scenario, cluster: Any, folder: str, args: dict, texts: lis
     return row
 
 
+def guarded(sc: Scenario, *args) -> dict[str, Any]:
+    """run_scenario; a scenario that breaks becomes a row saying so, and the others still run."""
+    try:
+        return run_scenario(sc, *args)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"scenario": sc.name, "title": sc.title, "ingress": sc.ingress, "error": repr(exc)[:300]}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # results
 
@@ -392,6 +402,9 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['title']} | {r['ingress']} | failed: {r['error']} |" + " - |" * 6)
+            continue
         recovery = fmt(r["recovery_s"]) if r["recovery_s"] is not None else "not within the wait"
         cells = [r["title"], r["ingress"], r["sent"], r["ok"], r["refused"], r["lost"], r["first_failed"], recovery]
         lines.append("| " + " | ".join(map(str, cells + [r["vllm_left"]])) + " |")
@@ -416,7 +429,7 @@ def overload_table(row: dict) -> str:
 def goals(rows: list[dict]) -> list[str]:
     """The issue's goals, each with the figure behind it."""
     out = []
-    for r in rows:
+    for r in filter(lambda r: "error" not in r, rows):
         out.append(f"{r['scenario']}: lost {r['lost']} (goal 0), vLLM processes left {r['vllm_left']} (goal 0)")
         if r["scenario"] == "engine_stopped":
             start = r.get("replacement_start_s")
@@ -480,7 +493,7 @@ def main(argv=None) -> None:
     di = free_port()
     with LocalServe(di_ports=(di, di + 40)) as cluster:
         for name in a.scenarios.split(","):
-            rows.append(run_scenario(SCENARIOS[name], cluster, folder, args, texts, a))
+            rows.append(guarded(SCENARIOS[name], cluster, folder, args, texts, a))
     md = report(rows, a, folder, time.time() - t0)
     md_path, json_path = result_path(a.model, a.tag, ".md"), result_path(a.model, a.tag, ".json")
     md_path.write_text(md)

@@ -212,10 +212,12 @@ def test_report_tables_and_goals():
         _row("engine_stopped", replacement_start_s=30.0, stopped_engine_alive_after_replacement=[123], vllm_left=1),
         _row("replica_killed_direct", recovery_s=None, lost=3),
         _row("overload", overload=over),
+        {"scenario": "engine_killed", "title": "engine process killed", "ingress": "proxy", "error": "Boom()"},
     ]
     md = chaos.table(rows)
     lines = md.splitlines()
-    assert len(lines) == 5 and lines[0].count("|") == lines[2].count("|") == 10
+    assert len(lines) == 6 and lines[0].count("|") == lines[2].count("|") == lines[5].count("|") == 10
+    assert lines[5].startswith("| engine process killed | proxy | failed: Boom() | - |")
     assert lines[2] == "| engine stopped (SIGSTOP) | proxy | 100 | 98 | 2 | 0 | 5 | 42.0 | 1 |"
     assert "| replica killed | direct | 100 | 98 | 2 | 3 | 5 | not within the wait | 0 |" in md
     o = chaos.overload_table(rows[2])
@@ -223,7 +225,7 @@ def test_report_tables_and_goals():
     g = "\n".join(chaos.goals(rows))
     assert "engine_stopped: full service after 42.0 s (goal <= 60 s + the new replica's start-up 30.0 s = 90 s)" in g
     assert "alive after its replacement: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
-    assert "overload: refusals p99 120.0 ms (goal <= 100 ms)" in g
+    assert "overload: refusals p99 120.0 ms (goal <= 100 ms)" in g and "engine_killed" not in g
 
 
 def test_scenario_names_are_checked():
