@@ -209,7 +209,7 @@ def test_report_tables_and_goals():
         "accepted": {"n": 10, "p50_ms": 900.0, "p99_ms": 2000.0, "max_ms": 2500.0},
     }
     rows = [
-        _row("engine_stopped", replacement_start_s=30.0, stopped_engine_alive_after_replacement=[123], vllm_left=1),
+        _row("engine_stopped", replacement_start_s=30.0, victim_engines_alive_at_end=[123], vllm_left=1),
         _row("replica_killed_direct", recovery_s=None, lost=3),
         _row("overload", overload=over),
         {"scenario": "engine_killed", "title": "engine process killed", "ingress": "proxy", "error": "Boom()"},
@@ -224,7 +224,7 @@ def test_report_tables_and_goals():
     assert "3.0x the sustainable 100 req/s" in o and "| refused (429/503) | 50 | 3.0 | 120.0 | 300.0 |" in o
     g = "\n".join(chaos.goals(rows))
     assert "engine_stopped: full service after 42.0 s (goal <= 60 s + the new replica's start-up 30.0 s = 90 s)" in g
-    assert "alive after its replacement: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
+    assert "engine still running after recovery: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
     assert "overload: refusals p99 120.0 ms (goal <= 100 ms)" in g and "engine_killed" not in g
 
 
