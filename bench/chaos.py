@@ -46,19 +46,16 @@ APP = "textclf"
 
 
 def engine_pids(replica_pid: int) -> list[int]:
-    """The vLLM engine processes a replica started (its children among this run's vLLM processes)."""
+    """The vLLM engine processes a replica started (its descendants among this run's vLLM processes)."""
     import psutil
 
     from serve_app.local import our_vllm_processes
 
-    out = []
-    for pid in our_vllm_processes():
-        try:
-            if psutil.Process(pid).ppid() == replica_pid:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    try:
+        below = {p.pid for p in psutil.Process(replica_pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in our_vllm_processes() if p in below]
 
 
 def alive(pids: list[int]) -> list[int]:

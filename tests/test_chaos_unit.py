@@ -2,6 +2,7 @@
 counting of outcomes, the recovery bookkeeping and the report."""
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -233,3 +234,27 @@ def test_scenario_names_are_checked():
     with pytest.raises(SystemExit):
         chaos.parse_args(["--scenarios", "engine_killed,meteor"])
     assert chaos.result_path("runs/Enc-1", "r2", ".md").name == "chaos-enc-1-r2.md"
+
+
+def test_engine_pids_finds_a_replicas_engine_below_it():
+    """A stand-in replica (a shell) whose child names itself as vLLM's engine core does, with this run's marker
+    in its environment (inherited); an unrelated child is not taken for an engine."""
+    engine = "import setproctitle, time; setproctitle.setproctitle('VLLM::EngineCore'); time.sleep(30)"
+    # SPT_NOENV: setproctitle would otherwise reuse the environment block, where our_vllm_processes reads the marker
+    env = {**os.environ, "SPT_NOENV": "1"}
+    replica = subprocess.Popen(["bash", "-c", f'{sys.executable} -c "{engine}" & sleep 30 & wait'], env=env)
+    try:
+        deadline = time.time() + 20
+        while not chaos.engine_pids(replica.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        (pid,) = chaos.engine_pids(replica.pid)
+        assert open(f"/proc/{pid}/comm").read().startswith("VLLM::Engine")
+        assert chaos.engine_pids(os.getpid()) == [pid]  # descendants, not only children
+        assert chaos.engine_pids(pid) == []
+    finally:
+        import psutil
+
+        for p in psutil.Process(replica.pid).children(recursive=True):
+            p.kill()
+        replica.kill()
+        replica.wait()
