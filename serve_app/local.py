@@ -96,13 +96,26 @@ def free_port(all_interfaces: bool = False) -> int:
         return s.getsockname()[1]
 
 
-def ingress_urls(app_name: str = "textclf") -> list[str]:
-    """Direct-ingress URLs of the app's running replicas, from the Serve controller (what
-    `GET /api/serve/applications/` reports as target_groups). Empty without direct ingress."""
+def serve_details() -> dict[str, Any]:
+    """The Serve controller's view of applications, replicas and ports (what `GET /api/serve/applications/`
+    reports)."""
     import ray
     from ray.serve.context import _get_global_client
 
-    details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+    return ray.get(_get_global_client()._controller.get_serve_instance_details.remote())
+
+
+def replicas(app_name: str, deployment: str, details: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
+    """The deployment's replicas as the controller lists them: replica_id, state, pid, ..."""
+    details = details if details is not None else serve_details()
+    app = (details.get("applications") or {}).get(app_name) or {}
+    return list(((app.get("deployments") or {}).get(deployment) or {}).get("replicas") or [])
+
+
+def ingress_urls(app_name: str = "textclf", details: Optional[dict[str, Any]] = None) -> list[str]:
+    """Direct-ingress URLs of the app's running replicas, from the Serve controller (its target_groups). Empty
+    without direct ingress."""
+    details = details if details is not None else serve_details()
     # Replicas listen on http_options.host; the targets carry the node's IP, which a loopback bind does not answer.
     host = (details.get("http_options") or {}).get("host")
     urls = []

@@ -1,0 +1,510 @@
+"""Benchmark, not a test: faults injected into a live local service under load, and what the clients saw.
+
+    python -m bench.chaos [--model tiny-random-llama | --model runs/<name>] [--scenarios engine_killed,overload]
+    make chaos ARGS="--scenarios overload --duration 30"
+
+Each scenario gets a fresh application (serve_app/config.yaml, `--replicas` fixed replicas, default 2) in one local
+Ray + Serve with the serving environment (serve_app.local: direct ingress), so no row inherits another's damage;
+the app is deleted after each, and the vLLM processes still running then are counted and removed. The load is an
+open loop at `--rate` requests/s (bench.chaos_client: each request retried once). Scenarios:
+
+  engine_killed          SIGKILL the EngineCore process of one replica (through the Serve proxy)
+  engine_stopped         SIGSTOP it: the engine hangs, only the health check's probe notices (proxy)
+  replica_killed_proxy   SIGKILL one ServeReplica actor process (proxy)
+  replica_killed_direct  the same, the client spreading over the replicas' own ports (direct ingress)
+  overload               `--overload`x the sustainable rate (a closed-loop measure first) for `--duration` s (proxy)
+
+"Seconds until full service again": from the fault (the end of the overload) until both the replica count is back
+at its target with the faulted replica gone and no first attempt fails any more (the last failed first attempt's
+answer); the load runs on `--settle` s beyond that. Prints a markdown table; writes bench/results/chaos-<model>.md
+and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from bench.chaos_client import RetryingClient, last_failure, latencies, open_loop, tally
+from bench.loadtest import RESULTS, measure, test_texts, textclf_target
+from bench.serve_compare import classifier_folder, serve_args
+
+APP = "textclf"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processes
+
+
+def engine_pids(replica_pid: int) -> list[int]:
+    """The vLLM engine processes a replica started (its descendants among this run's vLLM processes)."""
+    import psutil
+
+    from serve_app.local import our_vllm_processes
+
+    try:
+        below = {p.pid for p in psutil.Process(replica_pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return []
+    return [p for p in our_vllm_processes() if p in below]
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a zombie has exited)."""
+    import psutil
+
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def kill_engine(replica: dict) -> dict:
+    pids = engine_pids(replica["pid"])
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    return {"signal": "SIGKILL", "pids": pids, "engines": pids}
+
+
+def stop_engine(replica: dict) -> dict:
+    pids = engine_pids(replica["pid"])
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
+    return {"signal": "SIGSTOP", "pids": pids, "engines": pids}
+
+
+def kill_replica(replica: dict) -> dict:
+    engines = engine_pids(replica["pid"])
+    os.kill(replica["pid"], signal.SIGKILL)
+    return {"signal": "SIGKILL", "pids": [replica["pid"]], "engines": engines}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    ingress: str  # "proxy" or "direct"
+    fault: Optional[Callable[[dict], dict]] = None  # None: the overload
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("engine_killed", "engine process killed", "proxy", kill_engine),
+        Scenario("engine_stopped", "engine stopped (SIGSTOP)", "proxy", stop_engine),
+        Scenario("replica_killed_proxy", "replica killed", "proxy", kill_replica),
+        Scenario("replica_killed_direct", "replica killed", "direct", kill_replica),
+        Scenario("overload", "overload", "proxy"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the replicas, watched from the Serve controller
+
+
+class ReplicaWatch(threading.Thread):
+    """Samples the deployment's replicas (and the direct-ingress URLs) every `every` seconds."""
+
+    def __init__(self, deployment: str, t0: float, every: float = 0.5):
+        super().__init__(daemon=True)
+        self.deployment, self.t0, self.every = deployment, t0, every
+        self.samples: list[tuple[float, list[dict]]] = []
+        self.urls: list[str] = []
+        self.halt = threading.Event()
+
+    def poll(self) -> None:
+        from serve_app.local import ingress_urls, replicas, serve_details
+
+        details = serve_details()
+        reps = [
+            {"id": r["replica_id"], "state": str(getattr(r["state"], "value", r["state"])), "pid": r.get("pid")}
+            for r in replicas(APP, self.deployment, details)
+        ]
+        self.samples.append((time.perf_counter() - self.t0, reps))
+        self.urls = ingress_urls(APP, details) or self.urls
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                self.poll()
+            except Exception as exc:  # the controller is busy while it replaces replicas: keep polling
+                print(f"    (replica poll: {type(exc).__name__})", flush=True)
+            self.halt.wait(self.every)
+
+    def running(self) -> list[dict]:
+        return [r for r in (self.samples[-1][1] if self.samples else []) if r["state"] == "RUNNING"]
+
+    def back_at(self, since: float, target: int, gone: Optional[str]) -> Optional[float]:
+        """When, after `since`, the running replicas were `target` again without `gone`, and stayed so."""
+        t_back = None
+        for t, reps in self.samples:
+            if t < since:
+                continue
+            running = {r["id"] for r in reps if r["state"] == "RUNNING"}
+            ok = len(running) == target and gone not in running
+            t_back = (t_back if t_back is not None else t) if ok else None
+        return t_back
+
+    def lifetimes(self) -> dict[str, dict[str, float]]:
+        """Per replica: first seen, first RUNNING, last seen (seconds since t0)."""
+        out: dict[str, dict[str, float]] = {}
+        for t, reps in self.samples:
+            for r in reps:
+                d = out.setdefault(r["id"], {"seen": t})
+                d["last"] = t
+                if r["state"] == "RUNNING":
+                    d.setdefault("running", t)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one scenario
+
+
+@dataclass
+class Plan:
+    rate: float  # the steady load, requests/s
+    fault_at: float  # seconds after the load starts
+    settle: float  # seconds of full service the load runs on after recovery
+    max_recovery: float  # seconds after the fault to give up waiting
+    overload_rate: float = 0.0
+    overload_s: float = 0.0
+
+    def rate_at(self, t: float) -> float:
+        in_overload = self.overload_s and self.fault_at <= t < self.fault_at + self.overload_s
+        return self.overload_rate if in_overload else self.rate
+
+    @property
+    def fault_end(self) -> float:
+        return self.fault_at + self.overload_s
+
+
+class Run:
+    """One scenario's load, fault and recovery on a freshly deployed app."""
+
+    def __init__(self, sc: Scenario, plan: Plan, cluster: Any, target: int, bodies: list[bytes], a: Any):
+        self.sc, self.plan, self.cluster, self.target, self.bodies, self.a = sc, plan, cluster, target, bodies, a
+        self.fault: dict[str, Any] = {}
+        self.victim: Optional[dict] = None
+        self.gave_up = False
+        self._checked = (float("-inf"), False)  # (t, verdict): the stop test runs per request, the check twice a second
+
+    def urls(self, watch: ReplicaWatch) -> Callable[[], list[str]]:
+        proxy = [self.cluster.proxy_url]
+        return (lambda: watch.urls or proxy) if self.sc.ingress == "direct" else (lambda: proxy)
+
+    async def inject(self, watch: ReplicaWatch, t0: float) -> None:
+        await asyncio.sleep(max(0.0, self.plan.fault_at - (time.perf_counter() - t0)))
+        if self.sc.fault is None:
+            print(
+                f"    {self.plan.fault_at:.0f} s: {self.plan.overload_rate:.0f} req/s for {self.plan.overload_s:.0f} s",
+                flush=True,
+            )
+            return
+        self.victim = sorted(watch.running(), key=lambda r: r["id"])[0]
+        self.fault = {"t": round(time.perf_counter() - t0, 2), "replica": self.victim, **self.sc.fault(self.victim)}
+        print(
+            f"    {self.fault['t']:.0f} s: {self.fault['signal']} {self.fault['pids']} ({self.victim['id']})",
+            flush=True,
+        )
+
+    def done(self, watch: ReplicaWatch, client: RetryingClient, t: float) -> bool:
+        """Whether to stop the load: full service for `settle` s, or no recovery within `max_recovery` s."""
+        if t - self._checked[0] < 0.5:
+            return self._checked[1]
+        self._checked = (t, self._recovered(watch, client, t))
+        return self._checked[1]
+
+    def _recovered(self, watch: ReplicaWatch, client: RetryingClient, t: float) -> bool:
+        if t < self.plan.fault_end + self.plan.settle:
+            return False
+        if t > self.plan.fault_end + self.plan.max_recovery:
+            self.gave_up = True
+            return True
+        back = watch.back_at(self.plan.fault_end, self.target, (self.victim or {}).get("id"))
+        if back is None:
+            return False
+        return t - max(back, last_failure(client.done, 0.0) or 0.0) >= self.plan.settle
+
+    async def progress(self, watch: ReplicaWatch, client: RetryingClient, every: float = 10.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            failed = sum(r.first.kind != "ok" for r in client.done)
+            print(
+                f"    {time.perf_counter() - client.t0:5.0f} s: {len(client.done)} answered, {failed} first attempts "
+                f"failed, {len(watch.running())} replicas running",
+                flush=True,
+            )
+
+    async def drive(self, watch: ReplicaWatch) -> tuple[list, float]:
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=self.a.timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            client = RetryingClient(session, self.urls(watch), "/classify", self.bodies, self.a.retry_cap)
+            injector = asyncio.ensure_future(self.inject(watch, client.t0))
+            shower = asyncio.ensure_future(self.progress(watch, client))
+            requests = await open_loop(client, self.plan.rate_at, lambda t: self.done(watch, client, t))
+            shower.cancel()
+            await injector
+            return requests, time.perf_counter() - client.t0
+
+    def execute(self) -> dict[str, Any]:
+        from serve_app.app import DEPLOYMENT
+
+        watch = ReplicaWatch(DEPLOYMENT, time.perf_counter())
+        watch.start()
+        try:
+            while not watch.samples:
+                time.sleep(0.2)
+            requests, wall = asyncio.run(self.drive(watch))
+        finally:
+            watch.halt.set()
+            watch.join()
+        return self.summary(requests, wall, watch)
+
+    def summary(self, requests: list, wall: float, watch: ReplicaWatch) -> dict[str, Any]:
+        p = self.plan
+        back = watch.back_at(p.fault_end, self.target, (self.victim or {}).get("id"))
+        last = last_failure(requests, 0.0)
+        full = max(back, last or 0.0) if back is not None else None
+        recovered = full is not None and not self.gave_up
+        lives = watch.lifetimes()
+        new = [v for k, v in lives.items() if v["seen"] > p.fault_at and "running" in v]
+        out = {
+            "scenario": self.sc.name,
+            "title": self.sc.title,
+            "ingress": self.sc.ingress,
+            "rate": p.rate,
+            "load_s": round(wall, 1),
+            **tally(requests),
+            "recovery_s": round(max(0.0, full - p.fault_end), 1) if recovered else None,
+            "replicas_back_s": round(back - p.fault_end, 1) if back is not None else None,
+            "last_failure_s": round(last - p.fault_end, 1) if last is not None else None,
+            "replacement_start_s": round(new[0]["running"] - new[0]["seen"], 1) if new else None,
+            "fault": self.fault,
+            "replicas": lives,
+        }
+        if self.sc.fault is None:
+            out["overload"] = {
+                "rate": p.overload_rate,
+                "seconds": p.overload_s,
+                **latencies(requests, p.fault_at, p.fault_end),
+            }
+        if self.fault:  # the faulted replica's engines still running once service is back (before the app's deletion)
+            out["victim_engines_alive_at_end"] = alive(self.fault["engines"])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the app around each scenario
+
+
+def deploy(cluster: Any, folder: str, args: dict, replicas: int) -> float:
+    from serve_app.app import app_from_config  # imports ray.serve: only once the cluster's environment is set
+
+    t0 = time.time()
+    fixed = {"min_replicas": replicas, "max_replicas": replicas, "target_ongoing_requests": 16}
+    cluster.run(app_from_config(deployment_overrides={"autoscaling_config": fixed}, **{**args, "model_dir": folder}))
+    return time.time() - t0
+
+
+def teardown(timeout: float = 30.0) -> dict[str, Any]:
+    """Delete the app; the vLLM processes still running `timeout` s later are reported, then killed."""
+    import psutil
+    from ray import serve
+
+    from serve_app.local import our_vllm_processes
+
+    serve.delete(APP)
+    t_end = time.time() + timeout
+    while our_vllm_processes() and time.time() < t_end:
+        time.sleep(0.5)
+    left = our_vllm_processes()
+    states = {}
+    for p in left:
+        try:
+            states[p] = psutil.Process(p).status()
+            os.kill(p, signal.SIGKILL)  # this run's own leftovers: the next scenario needs the cores
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return {"vllm_left": len(left), "vllm_left_states": states}
+
+
+def sustainable_rate(url: str, texts: list[str], seconds: float) -> float:
+    """Requests/s the app sustains, closed loop through `url` (the overload's 1x)."""
+    r = measure(textclf_target(url, texts), "calibrate", None, concurrency=32, duration=seconds, warmup=2, progress=0)
+    return r["rps"]
+
+
+def run_scenario(sc: Scenario, cluster: Any, folder: str, args: dict, texts: list[str], a) -> dict[str, Any]:
+    print(f"--- {sc.name}: {sc.title} ({sc.ingress})", flush=True)
+    up = deploy(cluster, folder, args, a.replicas)
+    print(f"    app up in {up:.0f} s", flush=True)
+    plan = Plan(a.rate, a.fault_at, a.settle, a.max_recovery)
+    if sc.fault is None:
+        one_x = sustainable_rate(cluster.proxy_url, texts, a.calibrate)
+        plan.overload_rate, plan.overload_s = a.overload * one_x, a.duration
+        print(f"    sustainable {one_x:.0f} req/s", flush=True)
+    bodies = [json.dumps({"text": t}).encode() for t in texts]
+    try:
+        row = Run(sc, plan, cluster, a.replicas, bodies, a).execute()
+    finally:
+        left = teardown()
+    row.update(left, app_up_s=round(up, 1))
+    if sc.fault is None:
+        row["overload"]["sustainable_rate"] = one_x
+    print("    " + json.dumps({k: row[k] for k in TABLE_KEYS if k in row}), flush=True)
+    return row
+
+
+def guarded(sc: Scenario, *args) -> dict[str, Any]:
+    """run_scenario; a scenario that breaks becomes a row saying so, and the others still run."""
+    try:
+        return run_scenario(sc, *args)
+    except Exception as exc:
+        traceback.print_exc()
+        return {"scenario": sc.name, "title": sc.title, "ingress": sc.ingress, "error": repr(exc)[:300]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results
+
+TABLE_KEYS = ("sent", "ok", "refused", "lost", "first_failed", "recovery_s", "vllm_left")
+
+
+def fmt(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| scenario | ingress | sent | 2xx | refused | lost | first attempts failed | s to full service "
+        "| vLLM processes left |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['title']} | {r['ingress']} | failed: {r['error']} |" + " - |" * 6)
+            continue
+        recovery = fmt(r["recovery_s"]) if r["recovery_s"] is not None else "not within the wait"
+        cells = [r["title"], r["ingress"], r["sent"], r["ok"], r["refused"], r["lost"], r["first_failed"], recovery]
+        lines.append("| " + " | ".join(map(str, cells + [r["vllm_left"]])) + " |")
+    return "\n".join(lines)
+
+
+def overload_table(row: dict) -> str:
+    o = row["overload"]
+    lines = [
+        f"Overload: {o['rate']:.0f} req/s offered for {o['seconds']:.0f} s ({o['rate'] / o['sustainable_rate']:.1f}x "
+        f"the sustainable {o['sustainable_rate']:.0f} req/s); latency of each attempt sent meanwhile:",
+        "",
+        "| answers | n | p50 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|",
+    ]
+    for k, name in (("refused", "refused (429/503)"), ("accepted", "accepted (2xx)")):
+        s = o[k]
+        lines.append(f"| {name} | {s['n']} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} | {fmt(s['max_ms'])} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, each with the figure behind it."""
+    out = []
+    for r in filter(lambda r: "error" not in r, rows):
+        out.append(
+            f"{r['scenario']}: lost {r['lost']} (goal 0), vLLM processes left {r['vllm_left']} (goal 0)"
+            + (
+                f"; the faulted replica's engine still running after recovery: {r['victim_engines_alive_at_end']}"
+                if r.get("victim_engines_alive_at_end")
+                else ""
+            )
+        )
+        if r["scenario"] == "engine_stopped":
+            start = r.get("replacement_start_s")
+            bound = 60 + (start or 0)
+            out.append(
+                f"engine_stopped: full service after {fmt(r['recovery_s'])} s (goal <= 60 s + the new replica's "
+                f"start-up {fmt(start)} s = {bound:.0f} s)"
+            )
+        if r["scenario"] == "overload":
+            out.append(f"overload: refusals p99 {fmt(r['overload']['refused']['p99_ms'])} ms (goal <= 100 ms)")
+    return out
+
+
+def report(rows: list[dict], a, folder: str, wall: float) -> str:
+    head = (
+        f"# Chaos: {a.model}\n\n{a.replicas} replicas, steady load {a.rate:.0f} req/s (open loop, one retry per "
+        f"request), fault at {a.fault_at:.0f} s; a fresh app per scenario. Whole run {wall / 60:.1f} min.\n"
+    )
+    parts = [head, table(rows)]
+    parts += [overload_table(r) for r in rows if "overload" in r]
+    parts.append("Goals:\n\n" + "\n".join(f"- {g}" for g in goals(rows)))
+    return "\n\n".join(parts) + "\n"
+
+
+def result_path(model: str, tag: str, suffix: str) -> Path:
+    """bench/results/chaos-<model folder name>[-<tag>]<suffix>"""
+    return RESULTS / f"chaos-{Path(model.rstrip('/')).name.lower()}{f'-{tag}' if tag else ''}{suffix}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-random-llama", help="alias, model path, or a run folder")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
+    ap.add_argument("--replicas", type=int, default=2, help="fixed replica count of each scenario's app")
+    ap.add_argument("--rate", type=float, default=20.0, help="the steady load, requests/s")
+    ap.add_argument("--fault-at", type=float, default=10.0, help="seconds of load before the fault")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds of full service that end a scenario")
+    ap.add_argument("--max-recovery", type=float, default=240.0, help="seconds after the fault to give up waiting")
+    ap.add_argument("--overload", type=float, default=3.0, help="the overload, times the sustainable rate")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of overload")
+    ap.add_argument("--calibrate", type=float, default=10.0, help="seconds measuring the sustainable rate")
+    ap.add_argument("--timeout", type=float, default=30.0, help="the client's per-attempt timeout, seconds")
+    ap.add_argument("--retry-cap", type=float, default=2.0, help="longest Retry-After the client honours, seconds")
+    ap.add_argument("--tag", default="", help="suffix of the result names")
+    a = ap.parse_args(argv)
+    unknown = set(a.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenarios {sorted(unknown)}; known: {', '.join(SCENARIOS)}")
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from serve_app.local import LocalServe, free_port
+
+    folder, args, texts = classifier_folder(a.model), {**serve_args({}), "run": None}, test_texts()
+    t0, rows = time.time(), []
+    di = free_port()
+    with LocalServe(di_ports=(di, di + 40)) as cluster:
+        for name in a.scenarios.split(","):
+            rows.append(guarded(SCENARIOS[name], cluster, folder, args, texts, a))
+    md = report(rows, a, folder, time.time() - t0)
+    md_path, json_path = result_path(a.model, a.tag, ".md"), result_path(a.model, a.tag, ".json")
+    md_path.write_text(md)
+    json_path.write_text(
+        json.dumps({"model": a.model, "classifier_dir": folder, "args": vars(a), "rows": rows}, indent=1)
+    )
+    print("\n" + md + f"\nwrote {md_path} and {json_path}")
+
+
+if __name__ == "__main__":
+    main()
