@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMALL, run_step
+from support import ROOT, SMALL, run_step
 
 pytestmark = pytest.mark.e2e
 
