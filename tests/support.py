@@ -120,3 +120,17 @@ def deployed(cluster: LocalServe, app: Any, name: str, timeout: float = 120) -> 
         finally:
             if not served.deleted:
                 served.delete()
+
+
+async def classify_stub(classify) -> tuple[Any, str]:
+    """An aiohttp server on a free loopback port whose POST /classify is `classify` (a request handler), for the
+    load clients' unit tests: (runner, url); `await runner.cleanup()` stops it."""
+    from aiohttp import web
+
+    app = web.Application()
+    app.router.add_post("/classify", classify)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"

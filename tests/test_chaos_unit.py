@@ -10,6 +10,7 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from support import classify_stub
 
 from bench import chaos
 from bench.chaos_client import (
@@ -38,13 +39,8 @@ async def _server(statuses):
         headers = {"Retry-After": "1"} if status == 503 else None
         return web.json_response({"label": "x"}, status=status, headers=headers)
 
-    app = web.Application()
-    app.router.add_post("/classify", classify)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen
+    runner, url = await classify_stub(classify)
+    return runner, url, seen
 
 
 def _run(urls_of_servers, statuses_per_server, n=1, retry_cap=0.2, dead=0, timeout=5.0):

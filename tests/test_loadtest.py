@@ -6,6 +6,7 @@ import json
 
 import pytest
 from aiohttp import web
+from support import classify_stub
 
 from bench.loadtest import Target, measure, run_load, summarize, textclf_target, timeline
 
@@ -20,14 +21,8 @@ async def _server(fail_every: int = 0):
             return web.json_response({"error": "busy"}, status=503)
         return web.json_response({"label": "long" if len(body["text"]) > 5 else "short"})
 
-    app = web.Application()
-    app.router.add_post("/classify", classify)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    return runner, f"http://127.0.0.1:{port}", seen
+    runner, url = await classify_stub(classify)
+    return runner, url, seen
 
 
 def test_closed_loop_counts_labels_and_errors():
