@@ -47,7 +47,7 @@ run: install
 	$(PY) -m ray_jobs.pipeline $(ARGS)
 
 test: install lint
-	$(PY) -m pytest -v -rs tests $(ARGS)
+	$(PY) -m pytest -v -rs --durations=20 tests $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

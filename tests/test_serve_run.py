@@ -87,6 +87,22 @@ def user_env(home: Path, ray_tmp: Path) -> dict[str, str]:
     return env
 
 
+def default_sigint() -> None:
+    """A shell starts its job with Ctrl-C's default action; pytest's process, after the earlier tests' Ray drivers,
+    may hand down SIGINT ignored or blocked, and then `serve run` never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def signal_state(pid: int) -> str:
+    """The blocked, ignored and caught signal masks of a process (for a failure message)."""
+    try:
+        lines = open(f"/proc/{pid}/status").read().splitlines()
+    except OSError:
+        return "gone"
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def log_tail(log: Path, n: int = 6000) -> str:
     return log.read_text(errors="replace")[-n:] if log.exists() else ""
 
@@ -122,6 +138,7 @@ def served(tiny_run, tmp_path_factory):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group, as a shell's foreground job
+            preexec_fn=default_sigint,
         )
     state = {"url": f"http://127.0.0.1:{port}", "proc": proc, "log": log, "home": home, "run": tiny_run}
     try:
@@ -204,7 +221,13 @@ def test_ctrl_c_stops_everything(served):
     proc = served["proc"]
     assert processes_with(MARKER), "expected the app's vLLM engine to be running"
     os.killpg(proc.pid, signal.SIGINT)
-    rc = proc.wait(180)
+    try:
+        rc = proc.wait(180)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"`serve run` still running 180 s after Ctrl-C ({signal_state(proc.pid)}), parent "
+            f"({signal_state(os.getpid())}):\n{log_tail(served['log'])}"
+        ) from None
     assert rc == 0, log_tail(served["log"])
     deadline = time.time() + 60
     while processes_with(MARKER, vllm_only=False) and time.time() < deadline:
