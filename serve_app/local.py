@@ -113,17 +113,23 @@ def replicas(app_name: str, deployment: str, details: Optional[dict[str, Any]] =
 
 
 def ingress_urls(app_name: str = "textclf", details: Optional[dict[str, Any]] = None) -> list[str]:
-    """Direct-ingress URLs of the app's running replicas, from the Serve controller (its target_groups). Empty
-    without direct ingress."""
+    """Direct-ingress URLs of the app's running replicas, from the Serve controller: the target groups it gives
+    HAProxy's manager (the instance details list HAProxy's own port instead when it is on). Empty without direct
+    ingress."""
+    import ray
+    from ray.serve.context import _get_global_client
+
     details = details if details is not None else serve_details()
     # Replicas listen on http_options.host; the targets carry the node's IP, which a loopback bind does not answer.
     host = (details.get("http_options") or {}).get("host")
+    controller = _get_global_client()._controller
+    groups = ray.get(controller.get_target_groups.remote(app_name, from_proxy_manager=True))
     urls = []
-    for group in details.get("target_groups", []):
-        if group.get("app_name") == app_name and str(group.get("protocol")).upper().endswith("HTTP"):
-            for t in group.get("targets", []):
-                ip = host if host in ("127.0.0.1", "localhost") else t["ip"]
-                urls.append(f"http://{ip}:{t['port']}")
+    for group in groups:
+        if group.app_name == app_name and str(group.protocol).upper().endswith("HTTP"):
+            for t in group.targets:
+                ip = host if host in ("127.0.0.1", "localhost") else t.ip
+                urls.append(f"http://{ip}:{t.port}")
     return sorted(set(urls))
 
 
