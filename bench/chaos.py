@@ -329,13 +329,10 @@ def teardown(timeout: float = 30.0) -> dict[str, Any]:
     import psutil
     from ray import serve
 
-    from serve_app.local import our_vllm_processes
+    from serve_app.local import our_vllm_processes, wait_gone
 
     serve.delete(APP)
-    t_end = time.time() + timeout
-    while our_vllm_processes() and time.time() < t_end:
-        time.sleep(0.5)
-    left = our_vllm_processes()
+    left = wait_gone(our_vllm_processes, timeout)
     states = {}
     for p in left:
         try:

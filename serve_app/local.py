@@ -25,7 +25,7 @@ import socket
 import sys
 import tempfile
 import time
-from typing import Any, Collection, Optional
+from typing import Any, Callable, Collection, Optional
 
 # What every node needs, on one machine and on a cluster (README, "Serving performance").
 BASE_ENV = {
@@ -187,7 +187,7 @@ class LocalServe:
             )
         self.num_cpus = num_cpus
         self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()  # the node's Prometheus endpoint (metrics_url)
+        self.metrics_port = metrics_port or free_port()  # the node's Prometheus endpoint (metrics_urls())
 
     def __enter__(self) -> "LocalServe":
         if self.env and "ray.serve" in sys.modules:  # an empty env sets nothing ray.serve reads at import
@@ -214,10 +214,6 @@ class LocalServe:
     def proxy_url(self) -> str:
         """http_options.port: HAProxy or Serve's Python proxy (front_end() says which)."""
         return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def front_end(self) -> str:
         """What serves proxy_url, from the running processes: "haproxy" when an HAProxy of this cluster runs
@@ -273,25 +269,25 @@ def processes_with(entry: str, vllm_only: bool = True) -> list[int]:
     return found
 
 
-def our_vllm_processes(marker: Optional[str] = None) -> list[int]:
-    """vLLM processes started from this process tree, or that carry `marker` (KEY=VALUE) in their environment."""
-    found = processes_with(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}")
-    return sorted(set(found + (processes_with(marker) if marker else [])))
+def our_vllm_processes() -> list[int]:
+    """vLLM processes started from this process tree (they inherit TEXTCLF_OWNER)."""
+    return processes_with(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}")
 
 
-def wait_no_vllm(marker: Optional[str] = None, timeout: float = 60.0, besides: Collection[int] = ()) -> None:
+def wait_gone(find: Callable[[], Collection[int]], timeout: float) -> list[int]:
+    """Poll `find` until it finds no process or `timeout` seconds pass; the processes it still finds."""
+    t_end = time.time() + timeout
+    while (left := sorted(find())) and time.time() < t_end:
+        time.sleep(0.5)
+    return left
+
+
+def wait_no_vllm(timeout: float = 60.0, besides: Collection[int] = ()) -> None:
     """Wait until the vLLM processes this process started, other than `besides` (say, another app's engine), have
     exited (they release cores and memory)."""
-
-    def left() -> list[int]:
-        return sorted(set(our_vllm_processes(marker)) - set(besides))
-
-    t_end = time.time() + timeout
-    while time.time() < t_end:
-        if not left():
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"vLLM processes still running after {timeout}s: {left()}")
+    left = wait_gone(lambda: set(our_vllm_processes()) - set(besides), timeout)
+    if left:
+        raise RuntimeError(f"vLLM processes still running after {timeout}s: {left}")
 
 
 os.environ.setdefault("TEXTCLF_OWNER", str(os.getpid()))  # inherited by every process this one starts

@@ -27,7 +27,7 @@ import pytest
 import yaml
 from support import ROOT
 
-from serve_app.local import free_port, processes_with
+from serve_app.local import free_port, processes_with, wait_gone
 
 BIN = Path(sys.executable).parent
 MARKER = f"TEXTCLF_SERVE_RUN_TEST={uuid.uuid4().hex}"  # in the environment of every process `serve run` starts
@@ -151,10 +151,7 @@ def served(tiny_run, tmp_path_factory):
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        deadline = time.time() + 60
-        while processes_with(MARKER, vllm_only=False) and time.time() < deadline:
-            time.sleep(1)
-        for pid in processes_with(MARKER, vllm_only=False):
+        for pid in wait_gone(lambda: processes_with(MARKER, vllm_only=False), 60):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -229,8 +226,6 @@ def test_ctrl_c_stops_everything(served):
             f"({signal_state(os.getpid())}):\n{log_tail(served['log'])}"
         ) from None
     assert rc == 0, log_tail(served["log"])
-    deadline = time.time() + 60
-    while processes_with(MARKER, vllm_only=False) and time.time() < deadline:
-        time.sleep(1)
+    wait_gone(lambda: processes_with(MARKER, vllm_only=False), 60)
     assert not processes_with(MARKER), "vLLM processes left after Ctrl-C"
     assert not processes_with(MARKER, vllm_only=False), "processes of `serve run` left after Ctrl-C"
