@@ -86,6 +86,13 @@ ONE_REPLICA = {
 }
 
 
+def run_app(run: Path, deployment: dict = ONE_REPLICA) -> Any:
+    """The app of serve_app/config.yaml serving `run`, with the tests' arguments and these deployment options."""
+    from serve_app.app import app_from_config
+
+    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=deployment)
+
+
 @dataclass
 class Deployed:
     name: str

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from support import DOMAINS, ONE_REPLICA, TEST_ARGS, deployed, run_step
+from support import DOMAINS, deployed, run_app, run_step
 
 from serve_app.local import our_vllm_processes
 
@@ -79,15 +79,9 @@ def test_encoder_export(encoder_pipeline):
     assert [config["id2label"][str(i)] for i in range(len(meta["labels"]))] == meta["labels"]  # vLLM's class i
 
 
-def encoder_app_of(run):
-    from serve_app.app import app_from_config
-
-    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=ONE_REPLICA)
-
-
 @pytest.fixture(scope="module")
 def encoder_app(encoder_pipeline, cluster):  # the pipeline (its own Ray) finishes before this module's Ray starts
-    with deployed(cluster, encoder_app_of(encoder_pipeline[0]), "textclf") as served:
+    with deployed(cluster, run_app(encoder_pipeline[0]), "textclf") as served:
         yield served.client
 
 
@@ -122,7 +116,7 @@ def test_encoder_served_predictions_match_evaluation(encoder_app, encoder_pipeli
 
 
 def test_encoder_app_deletion_leaves_no_vllm_processes(encoder_pipeline, cluster):
-    with deployed(cluster, encoder_app_of(encoder_pipeline[0]), "own") as own:
+    with deployed(cluster, run_app(encoder_pipeline[0]), "own") as own:
         assert own.engines, "expected a running engine before the deletion"
         own.delete()  # raises while a vLLM process started since the app's deployment is left
         assert not set(own.engines) & set(our_vllm_processes())

@@ -15,29 +15,23 @@ import time
 
 import httpx
 import pytest
-from support import ONE_REPLICA, TEST_ARGS, deployed
+from support import ONE_REPLICA, TEST_ARGS, deployed, run_app
 
 from serve_app.local import our_vllm_processes
 
 pytestmark = pytest.mark.e2e
 
 
-def merged_app(run):
-    from serve_app.app import app_from_config
-
-    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=ONE_REPLICA)
-
-
 @pytest.fixture(scope="module")
 def app(cluster, tiny_run):
-    with deployed(cluster, merged_app(tiny_run), "textclf") as served:
+    with deployed(cluster, run_app(tiny_run), "textclf") as served:
         yield served.client
 
 
 @pytest.fixture
 def own_app(cluster, tiny_run):
     """The merged model as an app of the test's own, deleted after it."""
-    with deployed(cluster, merged_app(tiny_run), "own") as served:
+    with deployed(cluster, run_app(tiny_run), "own") as served:
         yield served
 
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import TEST_ARGS, deployed
+from support import deployed, run_app
 
 pytestmark = pytest.mark.e2e
 
@@ -22,11 +22,7 @@ N_OK, N_BAD, N_LONG = 24, 3, 1  # good texts, empty texts (422), one text over t
 
 @pytest.fixture(scope="module")
 def app(cluster, tiny_run):
-    from serve_app.app import app_from_config
-
-    with deployed(
-        cluster, app_from_config(run=str(tiny_run), **TEST_ARGS, deployment_overrides=TWO_REPLICAS), "textclf"
-    ) as d:
+    with deployed(cluster, run_app(tiny_run, TWO_REPLICAS), "textclf") as d:
         yield d.client
 
 
