@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textclf.inference import engine_kwargs, engine_output
+from textclf.inference import engine_in_one_process, engine_kwargs, engine_output
 from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
 
 
@@ -34,6 +34,7 @@ class VllmEngine:
             s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir) for s in plan.classifiers.values() if s.adapter_dir
         }
         loggers = [RayPrometheusStatLogger] if cfg.engine.stats else None
+        engine_in_one_process()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=loggers)
 
     async def complete(self, prompt_token_ids: list[int], params: Any, request_id: str, spec: ClassifierSpec) -> Any:

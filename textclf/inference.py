@@ -149,6 +149,15 @@ def engine_kwargs(
     return kw
 
 
+def engine_in_one_process() -> None:
+    """On CPU, run vLLM's model worker inside its engine instead of in a process of its own: a process start costs a
+    fresh import of vLLM and torch, about half of the engine's start (bench/results/engine-start.md). The offline
+    `LLM` then runs in the caller's process; `AsyncLLM` keeps one EngineCore process. VLLM_ENABLE_V1_MULTIPROCESSING
+    set by the user wins."""
+    if not on_gpu():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
     """vLLM binds its CPU engine to one core and keeps the other for itself by default; a batch job has nothing
     else to run."""
@@ -184,6 +193,7 @@ class BatchClassifier:
         if adapter_dir:
             kind.check_servable({"kind": "adapter"}, adapter_dir)
         bind_engine_threads(cpu_threads_bind)
+        engine_in_one_process()
         self.fmt = PromptFormat.from_dict(meta["prompt"])
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
         self.scorer = kind.scorer(self.fmt, self.tokenizer)
