@@ -1,13 +1,20 @@
-"""Benchmark, not a test: training and evaluation throughput, measured side by side in one run.
+"""Benchmark, not a test: what Ray costs in training and evaluation, how fast engines start, and the training's
+model FLOPs utilisation, for each model kind, measured side by side in one run and repeated (median and spread).
 
-    python -m bench.pipeline_throughput [--steps 20] [--workers 2] [--batch 16] [--runs-dir runs/bench]
+    python -m bench.pipeline_throughput [--kinds generative,encoder] [--repeats 3] [--steps 10] [--batch 16]
 
-1. Training examples/s: the Ray Train job (N workers, global batch B) against a plain single-process
-   SFTTrainer (per-device batch B) on the same tokenized data, model and settings. Both figures are the
-   trainer's own train_samples_per_second (model loading excluded).
-2. Evaluation prompts/s: the Ray Data + vLLM evaluation job against vLLM offline `LLM.generate` on the same
-   prompts with the same engine and sampling settings. Engine start-up is reported separately.
-Writes bench/results/pipeline-<model>.json and prints a table.
+Per kind and repeat, on the bundled data (or --train-file/--test-file), with each kind's default model:
+1. Training: the Ray Train job (one worker holding all the machine's CPUs) against the same kind's trainer in this
+   process (torch on the same number of threads), same rows, steps and global batch. Reported: the median optimizer
+   step (textclf.training.StepTimes: forward, backward, update), the examples/s of the whole train() (its
+   evaluation and checkpoint included), tokens/s (the rows' tokens, no padding) and MFU: the FLOPs of a real
+   training step, counted by torch.utils.flop_counter (so LoRA's frozen weights and prefix sharing count as what they
+   compute), per second of median step, over the fp32 matmul peak of this machine measured in the same repeat.
+2. Evaluation: the Ray Data + vLLM job against vLLM offline in a fresh process on the same prompts (validation and
+   test), both from their start to the last answer (process and engine start included).
+3. Engine start, process start to first answer: the evaluation's (offline, a fresh process) and the Serve app's
+   (serve.run of one replica to its first /classify answer).
+Writes bench/results/pipeline.json and bench/results/pipeline.md (the table it prints).
 """
 
 from __future__ import annotations
@@ -15,135 +22,218 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray_jobs.common import setup_logging, start_run
-from ray_jobs.evaluate import classifier_source, evaluate, read_validation
+from ray_jobs.evaluate import evaluate, read_validation
 from ray_jobs.export import export
 from ray_jobs.prepare import prepare, read_split
 from ray_jobs.train import train
 from textclf.config import load_config
-from textclf.models import resolve_model
 from textclf.sources import load_splits
+
+RESULTS = Path("bench/results")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cpus-per-worker", type=float, default=None, help="default: the machine's CPUs / workers")
+    ap.add_argument("--kinds", default="generative,encoder", help="comma-separated model kinds")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per training")
     ap.add_argument("--batch", type=int, default=16, help="global batch (examples per optimizer step)")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--eval-examples", type=int, default=300, help="a stratified subset of the test split")
+    ap.add_argument("--train-file", default=None)
+    ap.add_argument("--test-file", default=None)
     ap.add_argument("--runs-dir", default="runs/bench")
-    ap.add_argument("--eval-examples", type=int, default=None, help="a stratified subset of the test split")
     return ap.parse_args(argv)
 
 
-def train_both(args: argparse.Namespace, overrides: dict[str, Any], cfg, run_dir: Path, prepared) -> dict[str, Any]:
-    """Training examples/s: Ray Train with N workers, then one plain process on the same rows and global batch."""
-    from textclf.training import build_trainer
+def matmul_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
+    """This machine's fp32 matmul rate on `threads` threads (the best of repeated n x n products)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, end = 0.0, time.time() + seconds
+    while time.time() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def step_flops_and_tokens(trainer) -> tuple[float, float]:
+    """(FLOPs, tokens) of one real training step (forward and backward) on the trainer's first batch; the
+    gradients are dropped."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = trainer.model
+    model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = inputs.get("labels")
+    n_items = (labels != -100).sum() if labels is not None and labels.dim() > 1 else None
+    with FlopCounterMode(display=False) as counter:
+        trainer.training_step(model, inputs, n_items)
+    model.zero_grad(set_to_none=True)
+    tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+    return float(counter.get_total_flops()), float(tokens)
+
+
+def train_both(cfg, run_dir: Path, prepared, peak_gflops: float) -> dict[str, Any]:
+    """The Ray Train job, then the same kind's trainer in this process on the same rows and settings."""
+    import torch
+
+    from textclf.kinds import get_kind
+    from textclf.models import resolve_model
+    from textclf.training import StepTimes
 
     train(cfg, run_dir, prepared)
-    ray_eps = json.loads((run_dir / "train_metrics.json").read_text())["final_train_samples_per_second"]
-    single_cfg = load_config(overrides={**overrides, "num_workers": 1, "per_device_batch_size": args.batch})
+    ray_side = json.loads((run_dir / "train_metrics.json").read_text())
     rows = {k: list(ds.iter_rows()) for k, ds in prepared.datasets.items()}
-    trainer = build_trainer(
-        single_cfg, resolve_model(args.model), rows["train"], rows["validation"], str(run_dir / "single_process")
+    timer = StepTimes()
+    trainer = get_kind(cfg.model.model_kind).build_trainer(
+        cfg,
+        resolve_model(cfg.model.model, cfg.model.model_cache_dir),
+        rows["train"],
+        rows["validation"],
+        str(run_dir / "plain_process"),
+        labels=list(prepared.fmt.labels),
+        callbacks=[timer],
     )
-    single_eps = trainer.train().metrics["train_samples_per_second"]
-    return {
-        "ray_train_examples_per_s": ray_eps,
-        "single_process_examples_per_s": single_eps,
-        "ratio_ray_over_single": ray_eps / single_eps,
-        "workers": args.workers,
-        "global_batch": args.batch,
-        "steps": args.steps,
+    plain = trainer.train().metrics
+    flops, tokens = step_flops_and_tokens(trainer)
+    mean_row = statistics.fmean(len(r["input_ids"]) for r in rows["train"])
+    tokens_per_step = mean_row * cfg.train.per_device_batch_size * cfg.train.num_workers
+    flops_per_token = flops / tokens
+    out = {
+        "threads": torch.get_num_threads(),
+        "ray_step_s": ray_side["final_median_step_s"],
+        "plain_step_s": timer.median(),
+        "ray_examples_per_s": ray_side["final_train_samples_per_second"],
+        "plain_examples_per_s": plain["train_samples_per_second"],
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token,
+        "peak_gflops": peak_gflops,
     }
+    for side in ("ray", "plain"):
+        out[f"{side}_tokens_per_s"] = tokens_per_step / out[f"{side}_step_s"]
+        out[f"{side}_mfu"] = flops_per_token * out[f"{side}_tokens_per_s"] / (peak_gflops * 1e9)
+    return out
+
+
+def in_fresh_process(args: list[str]) -> tuple[float, dict[str, Any]]:
+    """Run `python -m bench.engine_start ARGS OUT`; (the moment it was started, what it wrote)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        started = time.time()
+        subprocess.run([sys.executable, "-m", "bench.engine_start", *args, str(out)], check=True)
+        return started, json.loads(out.read_text())
 
 
 def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
-    """Evaluation prompts/s: the Ray Data + vLLM job, then vLLM offline in this process on the same prompts (the
-    validation and test texts the job classifies) and settings."""
+    """The Ray Data + vLLM evaluation job, then vLLM offline in a fresh process on the same prompts; then the
+    Serve app's start."""
     import ray
-
-    from textclf.inference import BatchClassifier
 
     export(cfg, run_dir)
     ray_eval = evaluate(cfg, run_dir)
-    ray.shutdown()  # frees the CPUs the evaluation actor held
-    model_dir, meta, adapter = classifier_source(cfg, run_dir)
-    test = [ex.text for ex in read_split(run_dir, "test")]
-    texts = [ex.text for ex in read_validation(run_dir)] + test
-    t0 = time.time()
-    clf = BatchClassifier(model_dir, meta, cfg.eval.engine_settings(), adapter, cfg.eval.cpu_threads_bind)
-    engine_start = time.time() - t0
-    t1 = time.time()
-    offline = clf.classify(texts)[-len(test) :]
-    gen_s = time.time() - t1
+    ray.shutdown()  # frees the CPUs for the offline engine (and the Serve test starts a cluster of its own)
+    texts = [ex.text for ex in read_validation(run_dir)] + [ex.text for ex in read_split(run_dir, "test")]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(texts, f)
+        f.flush()
+        started, offline = in_fresh_process(["offline", str(run_dir), f.name])
     job = [json.loads(line)["predicted"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    agree = sum(o["label"] == p for o, p in zip(offline, job))
+    agree = sum(a == b for a, b in zip(offline["labels"][-len(job) :], job)) / len(job)
+    deployed, served = in_fresh_process(["serve", str(run_dir)])
     return {
-        "ray_data_prompts_per_s_incl_engine_start": ray_eval["prompts_per_second"],
-        "offline_prompts_per_s_incl_engine_start": len(texts) / (engine_start + gen_s),
-        "offline_prompts_per_s_generate_only": len(texts) / gen_s,
-        "offline_engine_start_s": engine_start,
         "n_prompts": len(texts),
-        "same_labels": agree / len(test),
+        "ray_data_prompts_per_s": ray_eval["prompts_per_second"],
+        "offline_prompts_per_s": len(texts) / (offline["done_at"] - started),
+        "same_labels": agree,
+        "eval_engine_start_s": offline["first_answer_at"] - started,
+        "serve_start_s": served["first_answer_at"] - served["deploy_at"],
     }
 
 
-def print_table(args: argparse.Namespace, results: dict[str, Any], out: Path) -> None:
-    t, e = results["train"], results["eval"]
-    print("\n| measure | Ray | plain | Ray / plain |\n|---|---:|---:|---:|")
-    print(
-        f"| training examples/s ({args.workers} workers vs 1 process, global batch {args.batch}) | "
-        f"{t['ray_train_examples_per_s']:.2f} | {t['single_process_examples_per_s']:.2f} | "
-        f"{t['ratio_ray_over_single']:.2f} |"
-    )
-    print(
-        f"| evaluation prompts/s, engine start included | {e['ray_data_prompts_per_s_incl_engine_start']:.1f} | "
-        f"{e['offline_prompts_per_s_incl_engine_start']:.1f} | "
-        f"{e['ray_data_prompts_per_s_incl_engine_start'] / e['offline_prompts_per_s_incl_engine_start']:.2f} |"
-    )
-    print(f"| evaluation prompts/s, generate only (offline) | | {e['offline_prompts_per_s_generate_only']:.1f} | |")
-    print(
-        f"\nsame predicted label on the test rows, Ray Data job vs offline: {100 * e['same_labels']:.1f}%; "
-        f"written {out}"
-    )
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    setup_logging()
-    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) // args.workers)
+def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, Any]:
     overrides = dict(
-        model=args.model,
+        model_kind=kind,
         runs_dir=args.runs_dir,
-        name=f"bench-{time.strftime('%H%M%S')}",
-        num_workers=args.workers,
-        cpus_per_worker=cpus,
-        per_device_batch_size=args.batch // args.workers,
+        name=f"bench-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-r{repeat}",
+        num_workers=1,
+        cpus_per_worker=float(os.cpu_count() or 1),
+        per_device_batch_size=args.batch,
         max_steps=args.steps,
         eval_steps=args.steps,
         save_steps=args.steps,
-        logging_steps=max(1, args.steps // 4),
         max_eval_examples=args.eval_examples,
+        **({"train_file": args.train_file} if args.train_file else {}),
+        **({"test_file": args.test_file} if args.test_file else {}),
     )
     cfg = load_config(overrides=overrides)
     splits = load_splits(cfg.data)
     run_dir = start_run(cfg, splits, trains=True)
     prepared = prepare(cfg, run_dir, splits)
-    results = {
-        "model": args.model,
-        "train": train_both(args, overrides, cfg, run_dir, prepared),
-        "eval": evaluate_both(cfg, run_dir),
-    }
-    out = Path("bench/results") / f"pipeline-{Path(args.model).name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print_table(args, results, out)
+    peak = matmul_peak_gflops(os.cpu_count() or 1)
+    return {"model": cfg.model.model, **train_both(cfg, run_dir, prepared, peak), **evaluate_both(cfg, run_dir)}
+
+
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    """median [min–max]"""
+    return f"{fmt(statistics.median(values))} [{fmt(min(values))}–{fmt(max(values))}]"
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> str:
+    rows = [
+        ("training step, s (median step)", "ray_step_s", "plain_step_s", "{:.2f}", "Ray / plain (goal <= 1.1)"),
+        ("training examples/s (whole train())", "ray_examples_per_s", "plain_examples_per_s", "{:.2f}", "Ray / plain"),
+        ("training tokens/s", "ray_tokens_per_s", "plain_tokens_per_s", "{:.0f}", "Ray / plain"),
+        ("training MFU, % of fp32 matmul peak", "ray_mfu", "plain_mfu", "{:.1%}", ""),
+        ("evaluation prompts/s, start included", "ray_data_prompts_per_s", "offline_prompts_per_s", "{:.1f}",
+         "Ray Data / offline (goal >= 0.9)"),
+    ]  # fmt: skip
+    lines = ["| kind | measure | Ray | plain | ratio |", "|---|---|---:|---:|---:|"]
+    for kind, runs in results.items():
+        for label, ray_key, plain_key, f, ratio_label in rows:
+            fmt = f.format
+            ratio = spread([r[ray_key] / r[plain_key] for r in runs], "{:.2f}".format) if ratio_label else ""
+            ray_v, plain_v = spread([r[ray_key] for r in runs], fmt), spread([r[plain_key] for r in runs], fmt)
+            lines.append(f"| {kind} | {label} | {ray_v} | {plain_v} | {ratio} {ratio_label} |")
+        for label, key in (
+            ("engine start, evaluation (process start to first answer), s", "eval_engine_start_s"),
+            ("engine start, serving (serve.run to first answer), s", "serve_start_s"),
+            ("fp32 matmul peak, GFLOP/s", "peak_gflops"),
+            ("same label, Ray Data job vs offline", "same_labels"),
+        ):
+            lines.append(f"| {kind} | {label} | {spread([r[key] for r in runs], '{:.3g}'.format)} | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging()
+    results: dict[str, list[dict[str, Any]]] = {k: [] for k in args.kinds.split(",")}
+    for repeat in range(args.repeats):
+        for kind in results:
+            results[kind].append(bench_kind(args, kind, repeat))
+    text = table(results)
+    header = (
+        f"{args.repeats} repeats, median [min–max]; {args.steps} steps of global batch {args.batch}, one Ray Train "
+        f"worker with {os.cpu_count()} CPUs against one process on as many threads; "
+        f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (RESULTS / "pipeline.md").write_text(f"# make bench\n\n{header}\n\n{text}\n")
+    print(f"\n{header}\n\n{text}\n\nwritten {RESULTS / 'pipeline.md'}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from textclf.kinds import get_kind
     from textclf.models import resolve_model
     from textclf.plan import apply_plan, plan_training
-    from textclf.training import PlanCallback, all_ranks_max, measure_step_seconds
+    from textclf.training import PlanCallback, StepTimes, all_ranks_max, measure_step_seconds
 
     cfg = Config.from_dict(config["cfg"])
     ctx = ray.train.get_context()
@@ -65,6 +65,7 @@ def train_worker(config: dict[str, Any]) -> None:
         callbacks=[
             plan_keeper := PlanCallback(config["cfg"]["train"]),
             RayTrainReportCallback(),
+            step_times := StepTimes(),
         ],  # the plan enters each checkpoint first
         report_to=["mlflow"] if config.get("env") else [],
     )
@@ -92,6 +93,7 @@ def train_worker(config: dict[str, Any]) -> None:
     ray.train.report(
         {
             **{f"final_{k}": v for k, v in output.metrics.items()},
+            "final_median_step_s": step_times.median(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "plan": plan.to_dict(),
         }

@@ -60,3 +60,26 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_loss(tiny_llama, tmp_p
     assert shared_grads.keys() == plain_grads.keys() and shared_grads
     for n in plain_grads:
         torch.testing.assert_close(shared_grads[n], plain_grads[n], rtol=1e-3, atol=1e-6)
+
+
+def test_step_times_records_each_optimizer_step(tiny_llama, tmp_path):
+    """StepTimes: one time per optimizer step, and a median that leaves out the first (warm-up) step."""
+    from transformers import AutoTokenizer
+
+    from textclf.prompts import PromptFormat
+    from textclf.training import StepTimes, build_trainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    fmt = PromptFormat(labels=("banking", "travel"))
+    rows = []
+    for i, t in enumerate(["what is my balance", "book a flight", "transfer money", "hotel in rome"] * 2):
+        enc = fmt.encode(tok, t, fmt.labels[i % 2])
+        rows.append({"input_ids": enc.input_ids, "completion_mask": enc.completion_mask})
+    cfg = load_config(overrides={"per_device_batch_size": "2", "max_steps": "4"})
+    timer = StepTimes()
+    trainer = build_trainer(cfg, tiny_llama, rows, None, str(tmp_path / "out"), callbacks=[timer])
+    trainer.train()
+    assert len(timer.times) == trainer.state.max_steps >= 2 and all(t > 0 for t in timer.times)
+    later = sorted(timer.times[1:])
+    assert timer.median() == later[len(later) // 2]
+    assert StepTimes().median() is None

@@ -152,6 +152,27 @@ class ProgressCallback(TrainerCallback):
         self.printer("[train] " + ", ".join(parts), flush=True)
 
 
+class StepTimes(TrainerCallback):
+    """Wall seconds of each optimizer step: forward, backward (with DDP's all-reduce) and the update, without the
+    batch loading before it or the evaluations, logging and checkpoints after it."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._began: Optional[float] = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._began is not None:
+            self.times.append(time.perf_counter() - self._began)
+
+    def median(self) -> Optional[float]:
+        """The median step (the first one, which warms up allocators and kernels, left out when there are more)."""
+        times = sorted(self.times[1:] or self.times)
+        return times[len(times) // 2] if times else None
+
+
 def measure_step_seconds(trainer, steps: int = 2) -> float:
     """Seconds per optimizer step on this worker, from forward and backward passes over real training batches before
     training starts (one untimed first); gradients are dropped and the weights stay as they were."""
