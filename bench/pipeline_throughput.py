@@ -92,7 +92,7 @@ def train_both(cfg, run_dir: Path, prepared, peak_gflops: float) -> dict[str, An
 
     from textclf.kinds import get_kind
     from textclf.models import resolve_model
-    from textclf.training import StepTimes
+    from textclf.training import StepTimes, measure_step_seconds
 
     train(cfg, run_dir, prepared)
     ray_side = json.loads((run_dir / "train_metrics.json").read_text())
@@ -107,6 +107,7 @@ def train_both(cfg, run_dir: Path, prepared, peak_gflops: float) -> dict[str, An
         labels=list(prepared.fmt.labels),
         callbacks=[timer],
     )
+    measure_step_seconds(trainer)  # as the Ray Train worker does before planning (it also warms the step up)
     plain = trainer.train().metrics
     flops, tokens = step_flops_and_tokens(trainer)
     mean_row = statistics.fmean(len(r["input_ids"]) for r in rows["train"])

@@ -78,11 +78,10 @@ def cores_of(mask: Optional[str]) -> set[int]:
 def engine_on_its_cores(mask: Optional[str]) -> Iterator[None]:
     """Start the engine's processes on its own cores, then move this replica's threads off them.
 
-    vLLM's CPU engine is two processes: EngineCore and a worker whose threads compute on the bound cores. While
-    the worker computes, EngineCore busy-polls for its answer (sched_yield for up to a second after each read); on
-    the worker's own core that poll yields to the worker instead of taking CPU from the replica and the load
-    (serve_app/README.md, "Serving performance"). The affinity is the spawning thread's, inherited by the processes
-    it starts."""
+    The engine's processes (EngineCore, with the model worker inside it on CPU, or beside it in a process of its own
+    with VLLM_ENABLE_V1_MULTIPROCESSING=1) then compute and poll on those cores instead of taking CPU from the replica
+    and the load (serve_app/README.md, "Serving performance"). The affinity is the spawning thread's, inherited by the
+    processes it starts."""
     before = os.sched_getaffinity(0)
     engine = cores_of(mask) & before
     if not engine:
