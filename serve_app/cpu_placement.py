@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import ray
 
-from textclf.inference import on_gpu
+from textclf.inference import bind_engine_cores, cores_of, on_gpu
 from textclf.serving import ServeConfig
 
 log = logging.getLogger("ray.serve")
@@ -30,13 +30,13 @@ def replica_cpus() -> int:
 
 
 def bind_cores(cfg: ServeConfig) -> Optional[str]:
-    """Set VLLM_CPU_OMP_THREADS_BIND before the engine starts, so that replicas on one node do not all bind to the
+    """Bind the engine (bind_engine_cores) before it starts, so that replicas on one node do not all bind to the
     same cores. "slot": take `cores_per_replica` cores nobody else on the node holds (a lock file per core, held by
     this process and its engine, released when they exit)."""
     if on_gpu():
         return None
     if cfg.cpu_binding != "slot":
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_binding
+        bind_engine_cores(cfg.cpu_binding)
         return cfg.cpu_binding
     cores = sorted(os.sched_getaffinity(0))
     want = cfg.cores_per_replica if cfg.cores_per_replica is not None else replica_cpus()
@@ -59,19 +59,8 @@ def bind_cores(cfg: ServeConfig) -> Optional[str]:
         log.warning("only %d free cores of %d wanted on this node; sharing cores %s", len(got), want, cores[:want])
         got = sorted(set(got) | set(cores[: want - len(got)]))[:want] if got else cores[:want]
     mask = ",".join(map(str, got))
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = mask
+    bind_engine_cores(mask)
     return mask
-
-
-def cores_of(mask: Optional[str]) -> set[int]:
-    """The cores a VLLM_CPU_OMP_THREADS_BIND list names ("0", "0,2", "0-3", "0-1|2-3"); empty for auto/nobind/all."""
-    cores: set[int] = set()
-    for part in (mask or "").replace("|", ",").split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            return set()
-        cores.update(range(int(lo), int(hi or lo) + 1))
-    return cores
 
 
 @contextmanager

@@ -3,6 +3,7 @@ configuration, with a fake engine (no Ray, no vLLM engine)."""
 
 import asyncio
 import json
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -242,11 +243,31 @@ def test_yaml_limits_overload_and_health_check():
 
 
 def test_cores_of_a_bind_list():
-    from serve_app.cpu_placement import cores_of
+    from textclf.inference import cores_of
 
     assert cores_of("0") == {0} and cores_of("0,2") == {0, 2} and cores_of("1-3") == {1, 2, 3}
     assert cores_of("0-1|4-5") == {0, 1, 4, 5}
     assert cores_of("auto") == cores_of("nobind") == cores_of(None) == cores_of("0,x") == set()
+
+
+def test_bound_engine_gets_a_thread_per_core(monkeypatch):
+    """Ray's OMP_NUM_THREADS=1 (an actor's one reserved CPU) must not leave an engine bound to two cores on one
+    thread; a binding without a core list ("nobind") leaves the thread count alone."""
+    import torch
+
+    from textclf.inference import bind_engine_cores
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    before = torch.get_num_threads()
+    try:
+        bind_engine_cores("0-1")
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
+        assert torch.get_num_threads() == 2
+        bind_engine_cores("nobind")
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["OMP_NUM_THREADS"] == "2"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_engine_processes_start_on_the_engine_cores_and_the_replica_leaves_them():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -158,12 +159,34 @@ def engine_in_one_process() -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def cores_of(mask: Optional[str]) -> set[int]:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND list names ("0", "0,2", "0-3", "0-1|2-3"); empty for auto/nobind/all."""
+    cores: set[int] = set()
+    for part in (mask or "").replace("|", ",").split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return set()
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+def bind_engine_cores(bind: str) -> None:
+    """Bind vLLM's CPU engine to `bind` (VLLM_CPU_OMP_THREADS_BIND) with one OpenMP thread per bound core. Ray sets
+    OMP_NUM_THREADS to an actor's CPU reservation (1 for the evaluation actor) and vLLM keeps torch at that count:
+    half the generative engine's speed on 2 cores (bench/results/engine-start.md)."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    threads = len(cores_of(bind))
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the engine processes vLLM starts
+        if "torch" in sys.modules:  # an engine in this process: torch read the variable at import
+            sys.modules["torch"].set_num_threads(threads)
+
+
 def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
     """vLLM binds its CPU engine to one core and keeps the other for itself by default; a batch job has nothing
     else to run."""
     if cpu_threads_bind and not on_gpu():
-        bind = f"0-{os.cpu_count() - 1}" if cpu_threads_bind == "all" else cpu_threads_bind
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        bind_engine_cores(f"0-{os.cpu_count() - 1}" if cpu_threads_bind == "all" else cpu_threads_bind)
 
 
 def engine_output(runner: str, request_output) -> Any:
