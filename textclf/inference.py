@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -171,15 +170,21 @@ def cores_of(mask: Optional[str]) -> set[int]:
 
 
 def bind_engine_cores(bind: str) -> None:
-    """Bind vLLM's CPU engine to `bind` (VLLM_CPU_OMP_THREADS_BIND) with one OpenMP thread per bound core. Ray sets
-    OMP_NUM_THREADS to an actor's CPU reservation (1 for the evaluation actor) and vLLM keeps torch at that count:
-    half the generative engine's speed on 2 cores (bench/results/engine-start.md)."""
+    """Bind vLLM's CPU engine to `bind` (VLLM_CPU_OMP_THREADS_BIND), and give the engine processes it starts one
+    OpenMP thread per bound core: Ray sets OMP_NUM_THREADS to an actor's CPU reservation, and vLLM keeps torch at
+    that count (bench/results/engine-start.md). An engine in this process needs the count at process start
+    (engine_threads): OpenMP reads it once, for every thread."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
-    threads = len(cores_of(bind))
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the engine processes vLLM starts
-        if "torch" in sys.modules:  # an engine in this process: torch read the variable at import
-            sys.modules["torch"].set_num_threads(threads)
+    if threads := len(cores_of(bind)):
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def engine_threads(cpu_threads_bind: Optional[str]) -> Optional[int]:
+    """The OpenMP threads an evaluation engine bound by `cpu_threads_bind` computes on ("all": this machine's
+    cores); None when it binds no list of cores."""
+    if cpu_threads_bind == "all":
+        return os.cpu_count()
+    return len(cores_of(cpu_threads_bind)) or None
 
 
 def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
