@@ -173,6 +173,14 @@ class StepTimes(TrainerCallback):
         return times[len(times) // 2] if times else None
 
 
+def training_step(trainer, inputs) -> None:
+    """One forward and backward pass of the trainer's model over prepared inputs, counting label tokens as train()
+    does; gradients accumulate on the model."""
+    labels = inputs.get("labels")
+    n_items = (labels != -100).sum() if labels is not None and labels.dim() > 1 else None
+    trainer.training_step(trainer.model, inputs, n_items)
+
+
 def measure_step_seconds(trainer, steps: int = 2) -> float:
     """Seconds per optimizer step on this worker, from forward and backward passes over real training batches before
     training starts (one untimed first); gradients are dropped and the weights stay as they were."""
@@ -187,10 +195,8 @@ def measure_step_seconds(trainer, steps: int = 2) -> float:
             inputs = trainer._prepare_inputs(next(loader))
         except StopIteration:
             break
-        labels = inputs.get("labels")
-        n_items = (labels != -100).sum() if labels is not None and labels.dim() > 1 else None
         start = time.perf_counter()
-        trainer.training_step(model, inputs, n_items)
+        training_step(trainer, inputs)
         if i:
             times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
