@@ -79,8 +79,12 @@ def engine_cli(cfg, plan) -> list[str]:
     """vLLM server flags for the engine the Serve app builds from the same configuration (`engine_plan`)."""
     from textclf.inference import engine_kwargs
 
-    kw = engine_kwargs(plan.engine_model, plan.max_model_len, cfg.engine.settings(), runner=plan.runner)
+    kw = engine_kwargs(
+        plan.engine_model, plan.max_model_len, cfg.engine.settings(), runner=plan.runner, pooling=plan.pooling
+    )
     kw["disable_log_stats"] = True
+    if plan.pooling:  # the server takes the pooler config as JSON
+        kw["pooler_config"] = json.dumps({"seq_pooling_type": plan.pooling})
     flags = []
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")

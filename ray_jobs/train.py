@@ -21,6 +21,8 @@ from typing import Any
 from textclf import tracking
 from textclf.config import Config, parse_args
 from textclf.export import save_adapter
+from textclf.kinds import get_kind
+from textclf.models import resolve_model
 from textclf.sources import load_splits
 
 from .common import setup_logging, start_run, storage_path, sync_run
@@ -35,8 +37,6 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from textclf.kinds import get_kind
-    from textclf.models import resolve_model
     from textclf.plan import apply_plan, plan_training
     from textclf.training import PlanCallback, StepTimes, all_ranks_max, measure_step_seconds
 
@@ -179,6 +179,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
     if not scored:
         raise RuntimeError("training reported no checkpoint with an eval loss (is save_steps <= the run's steps?)")
     best, metrics = min(scored, key=lambda cm: cm[1]["eval_loss"])
+    pooling = get_kind(cfg.model.model_kind).pooling(resolve_model(cfg.model.model, cfg.model.model_cache_dir))
     log.info("best checkpoint %s: step %s, eval_loss %.4f", best.path, metrics.get("step"), metrics["eval_loss"])
     with best.as_directory() as d:
         adapter = save_adapter(
@@ -192,6 +193,7 @@ def train(cfg: Config, run_dir: Path, prepared: Prepared) -> Path:
                 "label_field": cfg.data.label_field,
                 "run": cfg.run.name,
                 "model_kind": cfg.model.model_kind,
+                **({"pooling": pooling} if pooling else {}),
             },
         )
     final_file = run_dir / "train_output.json"

@@ -26,6 +26,7 @@ class VllmEngine:
             max_loras=plan.max_loras,
             max_lora_rank=plan.max_lora_rank,
             runner=plan.runner,
+            pooling=plan.pooling,
         )
         self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
         # no periodic stats log lines; with engine.stats the Ray logger still records vLLM's metrics (ray_vllm_*)

@@ -74,9 +74,32 @@ def test_encoder_export(encoder_pipeline):
     assert "classifier" in adapter["modules_to_save"]  # the head trained in full
     meta = json.loads((run / "merged" / "classifier.json").read_text())
     assert meta["model_kind"] == "encoder" and meta["kind"] == "merged" and meta["base_model"] == "all-minilm-l6-v2"
+    assert meta["pooling"] == "MEAN"
     config = json.loads((run / "merged" / "config.json").read_text())
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert [config["id2label"][str(i)] for i in range(len(meta["labels"]))] == meta["labels"]  # vLLM's class i
+
+
+def test_vllm_evaluation_answers_as_the_trained_model(encoder_pipeline):
+    """The evaluation's vLLM engine (mean pooling from classifier.json) gives the probabilities the trained HF model
+    gives (its mean pooler) on the merged weights: a pooling mismatch would move them."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from textclf.kinds.encoder import load_model
+
+    run, _ = encoder_pipeline
+    meta = json.loads((run / "merged" / "classifier.json").read_text())
+    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()][:40]
+    model = load_model(str(run / "merged"), meta["labels"], pooling=meta["pooling"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run / "merged")
+    with torch.no_grad():
+        probs = torch.softmax(
+            model(**tokenizer([p["text"] for p in preds], padding=True, return_tensors="pt")).logits, -1
+        )
+    for p, row in zip(preds, probs):
+        assert meta["labels"][int(row.argmax())] == p["predicted"]
+        assert abs(float(row.max()) - p["probability"]) < 1e-3, (p, float(row.max()))
 
 
 @pytest.fixture(scope="module")

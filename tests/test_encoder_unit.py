@@ -86,7 +86,7 @@ def test_label_maps_and_result():
         result(LABELS, [0.5, 0.5])
 
 
-def _exported(folder, kind):
+def _exported(folder, kind, **extra):
     folder.mkdir(parents=True)
     fmt = PromptFormat(labels=LABELS, max_length=64)
     meta = {
@@ -95,6 +95,7 @@ def _exported(folder, kind):
         "base_model": "all-minilm-l6-v2",
         "labels": list(LABELS),
         "prompt": fmt.to_dict(),
+        **extra,
     }
     (folder / "classifier.json").write_text(json.dumps(meta))
     (folder / "adapter_config.json").write_text(json.dumps({"r": 16}))
@@ -103,9 +104,10 @@ def _exported(folder, kind):
 def test_serving_plan_for_an_encoder(tmp_path):
     from textclf.serving import ServeConfig, resolve_plan
 
-    _exported(tmp_path / "run" / "merged", "merged")
+    _exported(tmp_path / "run" / "merged", "merged", pooling="MEAN")
     plan = resolve_plan(ServeConfig(run=str(tmp_path / "run")))
     assert plan.runner == "pooling" and plan.max_model_len == 64 and not plan.enable_lora
+    assert plan.pooling == "MEAN"  # the head's pooling reaches the engine (engine_kwargs' pooler_config)
     _exported(tmp_path / "only_adapter" / "adapter", "adapter")
     with pytest.raises(ValueError, match="served merged"):
         resolve_plan(ServeConfig(run=str(tmp_path / "only_adapter")))
@@ -147,3 +149,33 @@ def test_special_tokens_written_in_a_text_stay_text(bert_tokenizer):
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
     assert tok.sep_token_id not in ids[1:-1] and tok.cls_token_id not in ids[1:-1]
     assert encode(tok, fmt, "what is my balance").input_ids == tok("what is my balance")["input_ids"]
+
+
+def test_a_bert_head_reads_the_mean_of_the_unpadded_tokens(bert_tokenizer):
+    """The encoder kind's pooler: dense + tanh on the mean of the text's own token states (what vLLM's BertPooler
+    computes with seq_pooling_type MEAN), the same for a text alone and padded in a batch; the decoder-head kind keeps
+    its model's last-token head."""
+    import torch
+
+    from textclf.kinds import get_kind
+    from textclf.kinds.encoder import load_model
+    from textclf.models import resolve_model
+
+    path = resolve_model("all-minilm-l6-v2")
+    assert get_kind("encoder").pooling(path) == "MEAN" and get_kind("decoder-head").pooling(path) is None
+    torch.manual_seed(0)
+    model = load_model(path, LABELS, pooling="MEAN").eval()
+    texts = ["hi", "book a flight to rome for two people next friday"]
+    batch = bert_tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        together = model(**batch).logits
+        alone = torch.cat([model(**bert_tokenizer([t], return_tensors="pt")).logits for t in texts])
+        one = bert_tokenizer([texts[0]], return_tensors="pt")
+        states = model.bert(**one).last_hidden_state
+        by_hand = model.classifier(torch.tanh(model.bert.pooler.dense(states.mean(1))))
+    assert torch.allclose(together, alone, atol=1e-5) and torch.allclose(alone[:1], by_hand, atol=1e-5)
+    cls = load_model(path, LABELS).eval()  # the same weights with BERT's own first-token pooler answer otherwise
+    cls.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(cls(**batch).logits, together, atol=1e-3)
+    assert "bert.pooler.dense.weight" in model.state_dict()  # names unchanged: checkpoints and LoRA targets hold

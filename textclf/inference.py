@@ -120,9 +120,11 @@ def engine_kwargs(
     max_loras: int = 1,
     max_lora_rank: int = 16,
     runner: str = "generate",
+    pooling: Optional[str] = None,
 ) -> dict[str, Any]:
     """Engine settings that start on a CPU-only machine as well as on a GPU. runner "pooling": a classification
-    head (the encoder kind), whose requests share no prompt prefix."""
+    head (the encoder kind), whose requests share no prompt prefix; `pooling`: the head's sequence pooling
+    (classifier.json's "pooling"; None: the architecture's own)."""
     kw: dict[str, Any] = dict(
         model=model_path,
         max_model_len=max_model_len,
@@ -132,6 +134,10 @@ def engine_kwargs(
     )
     if runner != "generate":
         kw["runner"] = runner
+    if pooling:
+        from vllm.config import PoolerConfig
+
+        kw["pooler_config"] = PoolerConfig(seq_pooling_type=pooling)
     if on_gpu():
         kw.update(dtype="auto", gpu_memory_utilization=settings.gpu_memory_utilization)
     else:
@@ -228,7 +234,12 @@ class BatchClassifier:
         self.runner = kind.runner
         self.llm = LLM(
             **engine_kwargs(
-                model_dir, self.fmt.max_length, engine, enable_lora=adapter_dir is not None, runner=kind.runner
+                model_dir,
+                self.fmt.max_length,
+                engine,
+                enable_lora=adapter_dir is not None,
+                runner=kind.runner,
+                pooling=meta.get("pooling"),
             )
         )
         self.lora = None

@@ -67,6 +67,11 @@ class ModelKind:
         """Base model + adapter as one plain model (save_pretrained follows)."""
         raise NotImplementedError
 
+    def pooling(self, model_path: str) -> Optional[str]:
+        """The sequence pooling (vLLM's seq_pooling_type) the trained head reads on this model; None: the model's
+        own. Saved in classifier.json as "pooling" and given to every engine that serves it."""
+        return None
+
     # -- inference ---------------------------------------------------------------------------------------------
     def scorer(self, fmt: PromptFormat, tokenizer) -> Scorer:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from .encoder import EncoderKind
 
 class DecoderHeadKind(EncoderKind):
     name = "decoder-head"
+    pools_mean = False  # a causal model's last token has read the whole text
     defaults: dict[str, Any] = {
         "model": "smollm2-135m-instruct",
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -5,6 +5,9 @@ Training: `AutoModelForSequenceClassification` with a PEFT LoRA adapter (the hea
 Inference: vLLM's pooling runner (`encode` with the classify task), offline in evaluation and in Serve.
 Label ids are the positions in the classifier's label set (`PromptFormat.labels`, the one list every kind and
 step uses); the exported config.json carries them as id2label, so vLLM's class i is `labels[i]`.
+A BERT head reads the mean of the text's token states, not the first token's ([CLS]): sentence encoders such as
+all-MiniLM-L6-v2 were trained on that mean, and on CLINC150 it learns far faster (README, "Model kinds"). vLLM's BERT
+classifier computes the same pooling when told `seq_pooling_type` MEAN, which classifier.json's "pooling" carries.
 No Ray here.
 """
 
@@ -48,7 +51,45 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32"):
+# Model types whose HF pooler (dense + tanh on one token) vLLM runs after a configurable pooling (its BertPooler).
+MEAN_POOLED_TYPES = ("bert",)
+
+
+def mean_pooling(model_path: str) -> Optional[str]:
+    """ "MEAN" when the head can read the mean of the token states (a BERT pooler), else None (the model's own)."""
+    from transformers import AutoConfig
+
+    return "MEAN" if AutoConfig.from_pretrained(model_path).model_type in MEAN_POOLED_TYPES else None
+
+
+def pool_mean(model) -> None:
+    """Make a BERT classifier's pooler read the mean of the unpadded token states instead of the first token's, with
+    its own dense + tanh after it: what vLLM's BertPooler computes with seq_pooling_type MEAN. The weights keep their
+    names, so checkpoints, LoRA targets and the merge are unchanged."""
+    import torch
+
+    backbone = model.base_model
+    pooler = backbone.pooler
+
+    class MeanPooler(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.activation, self.mask = pooler.dense, pooler.activation, None
+
+        def forward(self, hidden):
+            mask = (self.mask if self.mask is not None else hidden.new_ones(hidden.shape[:2])).unsqueeze(-1)
+            mask = mask.to(hidden.dtype)
+            return self.activation(self.dense((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)))
+
+    backbone.pooler = MeanPooler()
+
+    def keep_mask(module, args, kwargs):  # the pooler is called with the hidden states only
+        backbone.pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    backbone.register_forward_pre_hook(keep_mask, with_kwargs=True)
+
+
+def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32", pooling: Optional[str] = None):
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -56,6 +97,8 @@ def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32"):
     model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype, **label_maps(labels))
     if model.config.pad_token_id is None:  # a decoder's head reads the last token that is not padding
         model.config.pad_token_id = load_tokenizer(model_path).pad_token_id
+    if pooling == "MEAN":
+        pool_mean(model)
     return model
 
 
@@ -86,8 +129,10 @@ def build_trainer(
     report_to: Sequence[str] = (),
     labels: Optional[Sequence[str]] = None,
     plan=None,
+    pooling: Optional[str] = None,
 ):
-    """The encoder counterpart of `textclf.training.build_trainer` (same arguments, plus the label set)."""
+    """The encoder counterpart of `textclf.training.build_trainer` (same arguments, plus the label set and the head's
+    pooling)."""
     from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
@@ -109,7 +154,7 @@ def build_trainer(
     # repeats (TRL builds the generative kind's adapter inside the Trainer, after its seeding).
     set_seed(cfg.train.seed)
     model = get_peft_model(
-        load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu)), lora_config(cfg)
+        load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu), pooling), lora_config(cfg)
     )
     return Trainer(
         model=model,
@@ -182,6 +227,10 @@ class EncoderKind(ModelKind):
     runner = "pooling"
     serves_adapters = False
     label_room = 0
+    pools_mean = True  # where the model allows it (mean_pooling)
+
+    def pooling(self, model_path: str) -> Optional[str]:
+        return mean_pooling(model_path) if self.pools_mean else None
 
     def overhead_tokens(self, fmt: PromptFormat, tokenizer) -> int:
         return len(text_token_ids(tokenizer, "", special_tokens=True))
@@ -192,7 +241,16 @@ class EncoderKind(ModelKind):
     def build_trainer(
         self, cfg, model_path: str, train_rows, eval_rows, output_dir: str, *, labels: Sequence[str], **kwargs: Any
     ):
-        return build_trainer(cfg, model_path, train_rows, eval_rows, output_dir, labels=labels, **kwargs)
+        return build_trainer(
+            cfg,
+            model_path,
+            train_rows,
+            eval_rows,
+            output_dir,
+            labels=labels,
+            pooling=self.pooling(model_path),
+            **kwargs,
+        )
 
     def merge(self, adapter_dir: str, base_model_path: str, labels: Sequence[str]):
         return merge(adapter_dir, base_model_path, labels)

@@ -54,6 +54,7 @@ class ServingPlan:
     max_loras: int
     max_lora_rank: int
     runner: str = "generate"  # vLLM's runner for the classifiers' kind ("pooling": a classification head)
+    pooling: Optional[str] = None  # the head's sequence pooling (classifier.json); None: the architecture's own
 
 
 def _adapter_folder(p: Path) -> Path:
@@ -122,6 +123,7 @@ def resolve_plan(cfg: ServeConfig, model_cache_dir: Optional[str] = None) -> Ser
         max_loras=max(1, len(ranks)),
         max_lora_rank=rank,
         runner=kind.runner,
+        pooling=specs[default].meta.get("pooling"),
     )
 
 
