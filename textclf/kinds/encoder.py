@@ -56,7 +56,8 @@ MEAN_POOLED_TYPES = ("bert",)
 
 
 def mean_pooling(model_path: str) -> Optional[str]:
-    """ "MEAN" when the head can read the mean of the token states (a BERT pooler), else None (the model's own)."""
+    """The head's pooling for this model: MEAN where it has a BERT pooler to read the mean of the token states, else
+    None (the model's own)."""
     from transformers import AutoConfig
 
     return "MEAN" if AutoConfig.from_pretrained(model_path).model_type in MEAN_POOLED_TYPES else None
