@@ -42,7 +42,7 @@ class _Completion:
 
 def test_one_step_scores_are_a_softmax_over_labels():
     plan = ScoringPlan(("x", "y", "z"), (11, 22, 33))
-    out = parse_output(plan, _Completion(logprobs=[{11: _Lp(-3.0), 22: _Lp(-1.0), 33: _Lp(-2.0), 99: _Lp(-0.1)}]))
+    out = parse_output(plan, [_Completion(logprobs=[{11: _Lp(-3.0), 22: _Lp(-1.0), 33: _Lp(-2.0), 99: _Lp(-0.1)}])])
     assert out["label"] == "y"
     assert math.isclose(sum(out["scores"].values()), 1.0)
     assert math.isclose(out["confidence"], math.exp(-1) / (math.exp(-1) + math.exp(-2) + math.exp(-3)))
@@ -51,10 +51,10 @@ def test_one_step_scores_are_a_softmax_over_labels():
 
 def test_choice_output_probability_and_refusal():
     plan = ScoringPlan(("credit_cards", "credit_score"), None)
-    out = parse_output(plan, _Completion(text="credit_score", cumulative_logprob=math.log(0.25)))
+    out = parse_output(plan, [_Completion(text="credit_score", cumulative_logprob=math.log(0.25))])
     assert out["label"] == "credit_score" and math.isclose(out["confidence"], 0.25)
     try:
-        parse_output(plan, _Completion(text="general", cumulative_logprob=0.0))
+        parse_output(plan, [_Completion(text="general", cumulative_logprob=0.0)])
     except RuntimeError as e:
         assert "not a label" in str(e)
     else:

@@ -67,7 +67,9 @@ def _labels(n, style):
 @pytest.mark.parametrize("n", [2, 150, 500])
 @pytest.mark.parametrize("style", ["shared", "long", "unicode"])
 def test_any_label_set_fits_and_every_label_is_scored_in_one_step(tokenizer, n, style):
-    from textclf.inference import parse_output, scoring_plan
+    from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS
+
+    from textclf.inference import parse_output, sampling_params, scoring_plan
 
     labels = _labels(n, style)
     texts = ["what is my balance", "book me a table for two tonight " * 3]
@@ -82,8 +84,14 @@ def test_any_label_set_fits_and_every_label_is_scored_in_one_step(tokenizer, n, 
             assert len(enc.input_ids) <= fmt.max_length
     plan = scoring_plan(fmt, tokenizer)
     assert plan.one_step and len(set(plan.first_token_ids)) == n
-    logprobs = [{t: SimpleNamespace(logprob=-0.1 * i) for i, t in enumerate(plan.first_token_ids)}]
-    result = parse_output(plan, SimpleNamespace(logprobs=logprobs))
+    # vLLM takes at most MAX_LOGPROB_TOKEN_IDS ids per request: one request per chunk, each answering its own ids
+    requests = sampling_params(plan)
+    chunks = [p.logprob_token_ids for p in requests]
+    assert all(len(c) <= MAX_LOGPROB_TOKEN_IDS for c in chunks) and sum(chunks, []) == list(plan.first_token_ids)
+    assert len(requests) == -(-n // MAX_LOGPROB_TOKEN_IDS)
+    rank = {t: i for i, t in enumerate(plan.first_token_ids)}
+    outputs = [SimpleNamespace(logprobs=[{t: SimpleNamespace(logprob=-0.1 * rank[t]) for t in c}]) for c in chunks]
+    result = parse_output(plan, outputs)
     assert set(result["scores"]) == set(labels) and result["label"] == labels[0]
     assert abs(sum(result["scores"].values()) - 1) < 1e-6
 

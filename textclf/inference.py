@@ -1,7 +1,9 @@
 """Classification with a vLLM engine: the answer is always one of the labels, with its probability.
 
 When every label starts with its own token (checked under the model's tokenizer), one engine step scores all
-labels at once (`logprob_token_ids`) and the probabilities are a softmax over the labels' first tokens.
+labels at once (`logprob_token_ids`) and the probabilities are a softmax over the labels' first tokens. vLLM returns
+at most 128 token ids per request: a larger label set is scored by one request per 128 labels on the same prompt,
+which the engine runs in the same step (the prompt's cached prefix shared).
 Otherwise decoding is constrained to the label strings (structured `choice`) and the probability is that of
 the chosen label's tokens. Free generation followed by parsing is never used.
 Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`); the model kinds (textclf.kinds) pick
@@ -35,22 +37,32 @@ def scoring_plan(fmt: PromptFormat, tokenizer) -> ScoringPlan:
     return ScoringPlan(fmt.labels, None, fmt.answers)
 
 
-def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16):
+def sampling_params(plan: ScoringPlan, max_label_tokens: int = 16) -> list:
+    """The engine requests for one text: one per chunk of the labels' first tokens that vLLM takes in a request (one
+    step scoring), or one constrained choice."""
     from vllm import SamplingParams
+    from vllm.sampling_params import MAX_LOGPROB_TOKEN_IDS, StructuredOutputsParams
 
     if plan.one_step:
+        ids = list(plan.first_token_ids)
         # detokenize=False: the answer is read from the labels' token ids; no text is needed
-        return SamplingParams(
-            max_tokens=1, temperature=0.0, logprob_token_ids=list(plan.first_token_ids), detokenize=False
+        return [
+            SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprob_token_ids=ids[i : i + MAX_LOGPROB_TOKEN_IDS],
+                detokenize=False,
+            )
+            for i in range(0, len(ids), MAX_LOGPROB_TOKEN_IDS)
+        ]
+    return [
+        SamplingParams(
+            max_tokens=max_label_tokens,
+            temperature=0.0,
+            logprobs=0,  # asks for the chosen tokens' log-probabilities, hence cumulative_logprob
+            structured_outputs=StructuredOutputsParams(choice=list(plan.answers or plan.labels)),
         )
-    from vllm.sampling_params import StructuredOutputsParams
-
-    return SamplingParams(
-        max_tokens=max_label_tokens,
-        temperature=0.0,
-        logprobs=0,  # asks for the chosen tokens' log-probabilities, hence cumulative_logprob
-        structured_outputs=StructuredOutputsParams(choice=list(plan.answers or plan.labels)),
-    )
+    ]
 
 
 def _softmax(logprobs: Sequence[float]) -> list[float]:
@@ -60,14 +72,15 @@ def _softmax(logprobs: Sequence[float]) -> list[float]:
     return [e / s for e in exps]
 
 
-def parse_output(plan: ScoringPlan, completion) -> dict[str, Any]:
-    """`completion` is a vLLM CompletionOutput (RequestOutput.outputs[0])."""
+def parse_output(plan: ScoringPlan, completions: Sequence[Any]) -> dict[str, Any]:
+    """`completions`: the vLLM CompletionOutput (RequestOutput.outputs[0]) of each of `sampling_params`' requests."""
     if plan.one_step:
-        step = completion.logprobs[0]
+        step = {t: lp for c in completions for t, lp in c.logprobs[0].items()}  # the log-softmax is over the vocabulary
         lps = [step[t].logprob if t in step else -math.inf for t in plan.first_token_ids]
         probs = _softmax(lps)
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": plan.labels[best], "confidence": probs[best], "scores": dict(zip(plan.labels, probs))}
+    (completion,) = completions
     text = completion.text.strip()
     answers = plan.answers or plan.labels
     if text not in answers:  # cannot happen under the grammar; refuse rather than guess
@@ -250,16 +263,17 @@ class BatchClassifier:
 
     def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         encoded = [self.scorer.encode(t) for t in texts]
-        prompts = [{"prompt_token_ids": e.input_ids} for e in encoded]
+        per_text = len(self.scorer.params)  # engine requests per text (Scorer.params)
+        prompts = [{"prompt_token_ids": e.input_ids} for e in encoded for _ in range(per_text)]
+        params = list(self.scorer.params) * len(encoded)
         if self.runner == "pooling":
-            outputs = self.llm.encode(
-                prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora, pooling_task="classify"
-            )
+            outputs = self.llm.encode(prompts, params, use_tqdm=False, lora_request=self.lora, pooling_task="classify")
         else:
-            outputs = self.llm.generate(prompts, self.scorer.params, use_tqdm=False, lora_request=self.lora)
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+        outputs = [engine_output(self.runner, out) for out in outputs]
         return [
-            {**self.scorer.parse(engine_output(self.runner, out)), "truncated": e.truncated}
-            for e, out in zip(encoded, outputs)
+            {**self.scorer.parse(outputs[i * per_text : (i + 1) * per_text]), "truncated": e.truncated}
+            for i, e in enumerate(encoded)
         ]
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:

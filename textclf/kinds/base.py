@@ -10,15 +10,15 @@ from ..prompts import Encoded, PromptFormat
 
 
 class Scorer:
-    """Serving's view of one classifier: its engine params, how a text becomes prompt tokens, how an engine output
-    becomes {"label", "confidence", "scores"}."""
+    """Serving's view of one classifier: its engine params, how a text becomes prompt tokens, how the engine's outputs
+    become {"label", "confidence", "scores"}."""
 
-    params: Any
+    params: list  # the engine requests one text takes (one params each, on the same prompt); parse gets their outputs
 
     def encode(self, text: str) -> Encoded:
         raise NotImplementedError
 
-    def parse(self, output: Any) -> dict[str, Any]:
+    def parse(self, outputs: Sequence[Any]) -> dict[str, Any]:
         raise NotImplementedError
 
 

@@ -202,12 +202,13 @@ class HeadScorer(Scorer):
 
     def __init__(self, fmt: PromptFormat, tokenizer):
         self.fmt, self.tokenizer = fmt, tokenizer
-        self.params = pooling_params()
+        self.params = [pooling_params()]
 
     def encode(self, text: str) -> Encoded:
         return encode(self.tokenizer, self.fmt, text)
 
-    def parse(self, output: Any) -> dict[str, Any]:
+    def parse(self, outputs: Sequence[Any]) -> dict[str, Any]:
+        (output,) = outputs
         return result(self.fmt.labels, output.data.tolist())
 
 

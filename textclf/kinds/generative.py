@@ -19,8 +19,8 @@ class GenerativeScorer(Scorer):
     def encode(self, text: str) -> Encoded:
         return self.fmt.encode(self.tokenizer, text)
 
-    def parse(self, output: Any) -> dict[str, Any]:
-        return parse_output(self.plan, output)
+    def parse(self, outputs: Sequence[Any]) -> dict[str, Any]:
+        return parse_output(self.plan, outputs)
 
 
 class GenerativeKind(ModelKind):

@@ -50,11 +50,11 @@ class _Loaded:
         return self.scorer.encode(text)
 
     @property
-    def params(self) -> Any:
+    def params(self) -> list:
         return self.scorer.params
 
-    def parse(self, out: Any) -> dict[str, Any]:
-        return self.scorer.parse(out)
+    def parse(self, outs: list) -> dict[str, Any]:
+        return self.scorer.parse(outs)
 
 
 class Classifiers:
@@ -111,8 +111,8 @@ class Classifiers:
     async def _complete(self, c: _Loaded, input_ids: list[int], timeout: float) -> dict[str, Any]:
         """The engine's parsed answer within timeout; any engine failure as EngineUnavailable."""
         try:
-            out = await asyncio.wait_for(self.engine.complete(input_ids, c.params, uuid.uuid4().hex, c.spec), timeout)
-            r = c.parse(out)
+            requests = [self.engine.complete(input_ids, p, uuid.uuid4().hex, c.spec) for p in c.params]
+            r = c.parse(await asyncio.wait_for(asyncio.gather(*requests), timeout))
         except ServingError:
             raise
         except asyncio.TimeoutError as exc:
