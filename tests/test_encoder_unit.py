@@ -179,3 +179,33 @@ def test_a_bert_head_reads_the_mean_of_the_unpadded_tokens(bert_tokenizer):
     with torch.no_grad():
         assert not torch.allclose(cls(**batch).logits, together, atol=1e-3)
     assert "bert.pooler.dense.weight" in model.state_dict()  # names unchanged: checkpoints and LoRA targets hold
+
+
+def test_the_mean_head_starts_from_an_identity_pooler_trained_in_full_and_merges(tmp_path, bert_tokenizer):
+    """Training starts with the pooler's dense layer as the identity, trains it in full (no LoRA on it) and saves it
+    with the adapter: the merge, which starts from the base model's pooler, must answer as the trained model does."""
+    import torch
+
+    from textclf.kinds.encoder import build_trainer, merge, pool_mean
+    from textclf.models import resolve_model
+
+    cfg = load_config(None, {"model_kind": "encoder"})
+    path = resolve_model(cfg.model.model)
+    rows = [{"input_ids": [101, 7592, 102], "label_id": 0}]
+    model = build_trainer(cfg, path, rows, None, str(tmp_path / "t"), labels=list(LABELS), pooling="MEAN").model
+    trained = dict(model.named_parameters())
+    pooler = [k for k, p in trained.items() if ".pooler." in k and p.requires_grad]
+    assert pooler and not any("lora" in k for k in pooler)
+    weight = next(p for k, p in trained.items() if k in pooler and k.endswith("dense.weight"))
+    assert torch.equal(weight, torch.eye(weight.shape[0]))
+    with torch.no_grad():  # stands in for training: move every trained weight
+        for p in trained.values():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    merged = merge(str(tmp_path / "adapter"), path, list(LABELS))
+    pool_mean(merged)
+    batch = bert_tokenizer(["hi", "book a flight to rome for two"], padding=True, return_tensors="pt")
+    model.eval(), merged.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, merged(**batch).logits, atol=1e-4)

@@ -71,23 +71,38 @@ def pool_mean(model) -> None:
 
     backbone = model.base_model
     pooler = backbone.pooler
+    # The pooler is called with the hidden states only: the backbone's call leaves its mask here. Not an attribute of
+    # the pooler, which PEFT copies when it trains it in full (modules_to_save).
+    batch = {"mask": None}
 
     class MeanPooler(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.dense, self.activation, self.mask = pooler.dense, pooler.activation, None
+            self.dense, self.activation = pooler.dense, pooler.activation
 
         def forward(self, hidden):
-            mask = (self.mask if self.mask is not None else hidden.new_ones(hidden.shape[:2])).unsqueeze(-1)
-            mask = mask.to(hidden.dtype)
+            mask = batch["mask"] if batch["mask"] is not None else hidden.new_ones(hidden.shape[:2])
+            mask = mask.unsqueeze(-1).to(hidden.dtype)
             return self.activation(self.dense((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)))
 
     backbone.pooler = MeanPooler()
 
-    def keep_mask(module, args, kwargs):  # the pooler is called with the hidden states only
-        backbone.pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    def keep_mask(module, args, kwargs):
+        batch["mask"] = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
 
     backbone.register_forward_pre_hook(keep_mask, with_kwargs=True)
+
+
+def start_pooler_as_identity(model) -> None:
+    """Training starts with the pooler's dense layer as the identity, so the head first reads tanh(mean): BERT's
+    pretrained pooler was trained on the [CLS] state, and from it CLINC150 validation accuracy after 400 steps was
+    0.873 against 0.939 from the identity (README, "Model kinds")."""
+    import torch
+
+    dense = model.base_model.pooler.dense
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(*dense.weight.shape))
+        dense.bias.zero_()
 
 
 def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32", pooling: Optional[str] = None):
@@ -154,9 +169,14 @@ def build_trainer(
     # The new head and the LoRA matrices are drawn here, before the Trainer seeds anything: seed them so that a run
     # repeats (TRL builds the generative kind's adapter inside the Trainer, after its seeding).
     set_seed(cfg.train.seed)
-    model = get_peft_model(
-        load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu), pooling), lora_config(cfg)
-    )
+    model = load_model(model_path, labels, resolve_precision(cfg.train.precision, use_gpu), pooling)
+    lora = lora_config(cfg)
+    if pooling == "MEAN":
+        start_pooler_as_identity(model)
+        # trained in full and saved with the adapter (the merge starts from the base model's pooler), without LoRA
+        lora.modules_to_save = [*(lora.modules_to_save or []), "pooler"]
+        lora.exclude_modules = ["pooler.dense"]
+    model = get_peft_model(model, lora)
     return Trainer(
         model=model,
         args=args,
