@@ -69,25 +69,51 @@ def test_parse_target():
     assert parse_target("auto") == Target("auto") and parse_target(" None ") == Target("none")
     assert parse_target("oos_recall:0.7") == Target("oos_recall", 0.7)
     assert parse_target("precision:1") == Target("precision", 1.0)
+    assert parse_target("in_scope_drop:0.02") == Target("in_scope_drop", 0.02)
+    assert parse_target("balanced") == Target("balanced")
     assert str(parse_target("precision:0.95")) == "precision:0.95"
     for bad in ("precision", "precision:", "precision:0", "precision:1.5", "precision:x", "recall:0.5", "0.9"):
         with pytest.raises(ValueError, match="abstain_target"):
             parse_target(bad)
 
 
-def test_auto_with_oos_maximises_mean_of_in_scope_accuracy_and_oos_recall():
-    c = choose_threshold(*cols(VAL), "auto", "oos")
+def test_balanced_maximises_mean_of_in_scope_accuracy_and_oos_recall():
+    c = choose_threshold(*cols(VAL), "balanced", "oos")
     # at 0.6: in-scope 3/5 correct and answered, oos 3/3 (two abstained), mean 0.8, the best of all candidates
-    assert c["threshold"] == 0.6 and c["target"] == "auto" and c["oos_label"] == "oos" and c["note"] is None
+    assert c["threshold"] == 0.6 and c["target"] == "balanced" and c["oos_label"] == "oos" and c["note"] is None
     v = c["validation"]
     assert v["in_scope_accuracy"] == pytest.approx(0.6) and v["oos_recall"] == 1.0
     assert v["abstain_rate"] == 0.5 and v["answered_accuracy"] == 1.0 and v["n"] == 8 and v["answered"] == 4
 
 
-def test_auto_ties_go_to_the_lower_threshold():
+def test_balanced_ties_go_to_the_lower_threshold():
     rows = [("a", "a", 0.9), ("a", "b", 0.6), ("oos", "a", 0.4), ("oos", "a", 0.95)]
     # mean 0.5 at both 0.6 (abstains the oos row at 0.4) and 0.9 (also the wrong in-scope row at 0.6)
-    assert choose_threshold(*cols(rows), "auto", "oos")["threshold"] == 0.6
+    assert choose_threshold(*cols(rows), "balanced", "oos")["threshold"] == 0.6
+
+
+@pytest.mark.parametrize(
+    "target, want, oos_recall",
+    [
+        # in-scope 4/5 without a threshold and up to 0.45; 3/5 from 0.5 (the right row at 0.45 abstains) to 0.6
+        ("auto", 0.45, 2 / 3),  # in_scope_drop:0.01: the highest threshold still at 4/5
+        ("in_scope_drop:0.01", 0.45, 2 / 3),
+        ("in_scope_drop:0.2", 0.6, 1.0),  # 3/5 is 0.2 below
+    ],
+)
+def test_auto_gives_up_at_most_a_point_of_in_scope_accuracy(target, want, oos_recall):
+    c = choose_threshold(*cols(VAL), target, "oos")
+    assert c["threshold"] == want and c["validation"]["oos_recall"] == pytest.approx(oos_recall)
+    assert "in_scope_accuracy" in c["rule"] and c["note"] is None
+
+
+def test_targets_that_weigh_oos_need_both_kinds_of_rows():
+    in_scope = [("a", "a", 0.9), ("a", "b", 0.4)]
+    for target in ("balanced", "in_scope_drop:0.05"):
+        c = choose_threshold(*cols(in_scope), target, "oos")
+        assert c["threshold"] is None and "lacks" in c["note"]
+        with pytest.raises(ValueError, match="out-of-scope label"):
+            choose_threshold(*cols(in_scope), target, None)
 
 
 @pytest.mark.parametrize(

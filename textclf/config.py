@@ -278,8 +278,9 @@ class EvalConfig:
     abstain_target: str = field(
         default="auto",
         metadata={
-            "help": "the abstain threshold chosen on validation: auto, none, oos_recall:<share> or "
-            "precision:<share> (textclf/abstain.py)"
+            "help": "the abstain threshold chosen on validation: auto (with an oos label in_scope_drop:0.01, "
+            "else precision:0.95), none, balanced, oos_recall:<share>, precision:<share> or in_scope_drop:<share> "
+            "(textclf/abstain.py)"
         },
     )
     model_uri: Optional[str] = field(
