@@ -31,7 +31,7 @@ def build(variant: str, path: str, labels: list[str]):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    from textclf.kinds.encoder import load_model, start_pooler_as_identity
+    from textclf.kinds.encoder import load_model, start_pooler_as_identity, train_pooler_in_full
 
     lora = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "key", "value", "dense"])
     if variant == "mean-linear":
@@ -50,11 +50,11 @@ def build(variant: str, path: str, labels: list[str]):
         model = get_peft_model(MeanLinear(), LoraConfig(**lora, modules_to_save=["classifier"]))
         return model, lambda ids, am: model(input_ids=ids, attention_mask=am)
     base = load_model(path, labels, pooling=None if variant == "cls" else "MEAN")
-    extra = {}
+    config = LoraConfig(**lora, task_type="SEQ_CLS")
     if variant == "mean-identity":
         start_pooler_as_identity(base)
-        extra = dict(modules_to_save=["pooler"], exclude_modules=["pooler.dense"])
-    model = get_peft_model(base, LoraConfig(**lora, task_type="SEQ_CLS", **extra))
+        train_pooler_in_full(config)
+    model = get_peft_model(base, config)
     return model, lambda ids, am: model(input_ids=ids, attention_mask=am).logits
 
 

@@ -105,6 +105,13 @@ def start_pooler_as_identity(model) -> None:
         dense.bias.zero_()
 
 
+def train_pooler_in_full(lora) -> None:
+    """The identity-started pooler is trained in full and saved with the adapter (the merge starts from the base
+    model's pooler), without LoRA on it."""
+    lora.modules_to_save = [*(lora.modules_to_save or []), "pooler"]
+    lora.exclude_modules = ["pooler.dense"]
+
+
 def load_model(model_path: str, labels: Sequence[str], precision: str = "fp32", pooling: Optional[str] = None):
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -173,9 +180,7 @@ def build_trainer(
     lora = lora_config(cfg)
     if pooling == "MEAN":
         start_pooler_as_identity(model)
-        # trained in full and saved with the adapter (the merge starts from the base model's pooler), without LoRA
-        lora.modules_to_save = [*(lora.modules_to_save or []), "pooler"]
-        lora.exclude_modules = ["pooler.dense"]
+        train_pooler_in_full(lora)
     model = get_peft_model(model, lora)
     return Trainer(
         model=model,
