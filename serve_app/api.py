@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from http import HTTPStatus
 from typing import Any, Iterable, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -30,6 +29,7 @@ from textclf.serving import (
     VllmClassifyRequest,
     classification_response,
     count_texts,
+    error_body,
     parse_request,
     read_json,
     validate,
@@ -37,15 +37,6 @@ from textclf.serving import (
 
 log = logging.getLogger("ray.serve")
 ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
-
-
-def error_type(status: int) -> str:
-    """The status as vLLM and OpenAI clients name it: NotFoundError, UnprocessableEntityError, ..."""
-    try:
-        name = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
-    except ValueError:
-        return "Error"
-    return name if name.endswith("Error") else name + "Error"
 
 
 def param_of(detail: Any) -> Optional[str]:
@@ -68,13 +59,11 @@ class ErrorResponse(JSONResponse):
         retry_after_s: Optional[int] = None,
         headers: Optional[dict[str, str]] = None,
     ):
-        error = {"message": message, "type": error_type(status), "param": param_of(detail), "code": status}
-        if detail is not None:
-            error["detail"] = detail
         headers = dict(headers or {})
         if retry_after_s is not None and status == 503:
             headers["Retry-After"] = str(retry_after_s)
-        super().__init__({"error": error}, status_code=status, headers=headers or None)
+        body = error_body(status, message, param_of(detail), detail)
+        super().__init__(body, status_code=status, headers=headers or None)
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")

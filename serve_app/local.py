@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any, Callable, Collection, Optional
 
+from serve_app.haproxy_shed import installed_script
+
 # What every node needs, on one machine and on a cluster (README, "Serving performance").
 BASE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC between deployments, no per-request stderr logs
@@ -37,6 +39,7 @@ BASE_ENV = {
 # The metrics export port of `make serve`'s local Ray: outside direct ingress's 8001-8099 and Prometheus's own 9090.
 METRICS_PORT = 8100
 INGRESS_VAR = "TEXTCLF_SERVE_INGRESS"
+SHED_VAR = "TEXTCLF_HAPROXY_SHED"  # 0: Ray's HAProxy config as it is, without overload shedding
 # What answers on http_options.port (both spread requests over the replicas and follow autoscaling).
 INGRESSES = {
     "haproxy": "HAProxy over the replicas' own ports",
@@ -69,6 +72,11 @@ def serve_env(ingress: Optional[str] = None, haproxy_dir: Optional[str] = None) 
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         if haproxy_dir:
             env.update({k: os.path.join(haproxy_dir, f) if f else haproxy_dir for k, f in HAPROXY_PATHS.items()})
+            # overload shedding in HAProxy (serve_app/haproxy_shed.py); a cluster's nodes name their own install's
+            # script in cluster/*.yaml
+            script = installed_script()
+            if script and os.environ.get(SHED_VAR, "1") != "0":
+                env["RAY_SERVE_HAPROXY_BINARY_PATH"] = script
     return env
 
 

@@ -35,6 +35,17 @@ def test_haproxy_is_the_default_with_direct_ingress(monkeypatch):
     assert not set(local.serve_env("haproxy")) & set(local.HAPROXY_PATHS)
 
 
+def test_haproxy_runs_through_the_shedding_wrapper_unless_switched_off(monkeypatch):
+    monkeypatch.delenv(local.INGRESS_VAR, raising=False)
+    monkeypatch.delenv(local.SHED_VAR, raising=False)
+    script = local.installed_script()
+    assert script and script.endswith("/textclf-haproxy")  # pip install -e . makes it (pyproject [project.scripts])
+    assert local.serve_env(haproxy_dir="/tmp/hx")["RAY_SERVE_HAPROXY_BINARY_PATH"] == script
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local.serve_env("haproxy")  # a cluster names its own install's
+    monkeypatch.setenv(local.SHED_VAR, "0")
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in local.serve_env(haproxy_dir="/tmp/hx")
+
+
 def test_the_switch_puts_the_python_proxy_back(monkeypatch):
     monkeypatch.setenv(local.INGRESS_VAR, "proxy")
     env = local.serve_env(haproxy_dir="/tmp/hx")

@@ -26,7 +26,7 @@ from .api import (
 )
 from .config import NAME_RE, EngineOptions, ServeConfig
 from .core import Classifiers, Engine, apply_abstain
-from .errors import EngineUnavailable, InvalidRequest, Overloaded, ServingError, TooLarge, UnknownClassifier
+from .errors import EngineUnavailable, InvalidRequest, Overloaded, ServingError, TooLarge, UnknownClassifier, error_body
 from .plan import LORA_RANKS, ClassifierSpec, ServingPlan, pin_model, project_path, resolve_plan
 from .vllm_format import ClassificationResponse, ModelCard, ModelList, VllmClassifyRequest, classification_response
 
@@ -57,6 +57,7 @@ __all__ = [
     "apply_abstain",
     "classification_response",
     "count_texts",
+    "error_body",
     "is_blank",
     "parse_request",
     "pin_model",

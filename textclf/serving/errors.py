@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
+
+
+def error_type(status: int) -> str:
+    """The status as vLLM and OpenAI clients name it: NotFoundError, UnprocessableEntityError, ..."""
+    try:
+        name = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "")
+    except ValueError:
+        return "Error"
+    return name if name.endswith("Error") else name + "Error"
+
+
+def error_body(status: int, message: str, param: Any = None, detail: Any = None) -> dict[str, Any]:
+    """OpenAI's error shape, {"error": {"message", "type", "param", "code", "detail"?}}: every error the API answers,
+    and the overload refusals HAProxy answers for it (serve_app/haproxy_shed.py)."""
+    error = {"message": message, "type": error_type(status), "param": param, "code": status}
+    if detail is not None:
+        error["detail"] = detail
+    return {"error": error}
 
 
 class ServingError(Exception):

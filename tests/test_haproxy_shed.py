@@ -1,0 +1,170 @@
+"""Overload shedding in Serve's HAProxy (serve_app/haproxy_shed.py): the config Ray 2.60 itself generates, rewritten
+by the wrapper, run by Ray's bundled HAProxy binary in front of a slow HTTP server standing in for a replica (no Ray
+cluster: the wrapper only sees config files). Ray is imported in a subprocess: importing ray.serve here would fix
+its settings for the serve tests."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app import haproxy_shed, local
+
+ROOT = Path(__file__).resolve().parent.parent
+SLOW_S = 2.0  # the stand-in replica's answer time: a refusal that waited for a slot would take this long
+
+GENERATE = """
+import os, sys
+from ray.serve.config import HTTPOptions
+from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+folder, port, replica, stats, metrics = sys.argv[1], *map(int, sys.argv[2:])
+cfg = HAProxyConfig(
+    socket_path=os.path.join(folder, "admin.sock"), server_state_base=folder,
+    server_state_file=os.path.join(folder, "state"), stats_port=stats, metrics_port=metrics,
+    http_options=HTTPOptions(host="127.0.0.1", port=port),
+)
+servers = [ServerConfig("replica1", "127.0.0.1", replica)]
+backend = BackendConfig(name="textclf", path_prefix="/", app_name="textclf", servers=servers)
+api = HAProxyApi(cfg, {"textclf": backend}, config_file_path=os.path.join(folder, "haproxy.cfg"))
+api._generate_config_file_internal()
+"""
+
+
+def ray_config(folder: Path, port: int, replica_port: int) -> Path:
+    """The HAProxy config Ray's own code writes for one app with one replica."""
+    ports = [str(p) for p in (port, replica_port, local.free_port(), local.free_port())]
+    subprocess.run([sys.executable, "-c", GENERATE, str(folder), *ports], check=True, capture_output=True)
+    return folder / "haproxy.cfg"
+
+
+class SlowReplica(BaseHTTPRequestHandler):
+    def do_GET(self):  # HAProxy's health check
+        self._answer(b'{"status":"ok"}')
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(SLOW_S)
+        self._answer(b'{"label":"x"}')
+
+    def _answer(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def replica():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReplica)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_rays_config_gets_the_limit_and_the_refusal(tmp_path):
+    config = ray_config(tmp_path, local.free_port(), local.free_port()).read_text()
+    assert haproxy_shed.replica_backends(config) == ["textclf"]
+    out = haproxy_shed.shed(config, maxconn=7, max_queue=3, retry_after_s=2, body_file="/x/busy.json")
+    default_server = [line for line in out.splitlines() if line.strip().startswith("default-server")]
+    assert default_server and all(line.endswith(" maxconn 7") for line in default_server)
+    lines = out.splitlines()
+    refusal = next(i for i, line in enumerate(lines) if "/x/busy.json" in line)
+    assert "hdr Retry-After 2 file /x/busy.json if is_textclf { queue(textclf) ge 3 }" in lines[refusal]
+    assert refusal < next(i for i, line in enumerate(lines) if line.strip().startswith("use_backend textclf"))
+    # nothing else changed
+    assert [
+        line
+        for line in lines
+        if "maxconn 7" not in line and "busy.json" not in line and "textclf: overload" not in line
+    ] == [line for line in config.splitlines() if not line.strip().startswith("default-server")]
+
+
+MOVED = (  # a template whose frontend routes its app some other way than `use_backend`
+    "global\n    maxconn 100\ndefaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n"
+    "    timeout server 5s\nfrontend http_frontend\n    bind 127.0.0.1:{port}\n    acl is_app path_beg /\n"
+    "    http-request return status 404 if !is_app\nbackend app\n    default-server check\n"
+    "    server r1 127.0.0.1:{replica} check\n"
+)
+
+
+def test_no_app_no_change_and_a_changed_template_is_noticed():
+    empty = "frontend http_frontend\n    bind :8000\n    default_backend default_backend\nbackend default_backend\n"
+    assert haproxy_shed.shed(empty, 64, 32, 1, "/b") == empty
+    with pytest.raises(ValueError, match="template has changed"):
+        haproxy_shed.shed(MOVED.format(port=1, replica=2), 64, 32, 1, "/b")
+
+
+def test_the_wrapper_serves_rays_config_as_it_is_when_it_cannot_shed(tmp_path):
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(MOVED.format(port=local.free_port(), replica=local.free_port()))
+    out = subprocess.run([haproxy_shed.installed_script(), "-c", "-f", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr  # HAProxy checked Ray's own config
+    assert "no overload shedding" in out.stderr and "template has changed" in out.stderr
+    assert not Path(f"{config}.shed").exists()
+
+
+def test_haproxy_refuses_an_overload_at_once_with_the_api_error(tmp_path, replica, monkeypatch):
+    port = local.free_port()
+    config = ray_config(tmp_path, port, replica)
+    monkeypatch.setenv("TEXTCLF_REPLICA_MAXCONN", "2")
+    monkeypatch.setenv("TEXTCLF_HAPROXY_MAX_QUEUE", "2")
+    shed = haproxy_shed.shed_config(str(config))
+    binary = haproxy_shed.bundled_haproxy()
+    check = subprocess.run([binary, "-c", "-f", shed], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([binary, "-db", "-f", shed], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+                break
+            except (httpx.TransportError, AssertionError):
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+
+        def post(_):
+            t0 = time.perf_counter()
+            r = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}, timeout=30)
+            return r, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(post, range(12)))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    served = [(r, s) for r, s in answers if r.status_code == 200]
+    refused = [(r, s) for r, s in answers if r.status_code == 503]
+    assert len(served) + len(refused) == 12
+    assert len(served) >= 4  # 2 at the replica, 2 in HAProxy's queue
+    assert len(refused) >= 4
+    for r, seconds in refused:
+        assert seconds < SLOW_S  # answered without waiting for a replica's slot
+        assert r.headers["Retry-After"] == "1"
+        assert r.headers["Content-Type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == 503 and error["type"] == "ServiceUnavailableError" and "busy" in error["message"]
+
+
+def test_the_wrapper_runs_rays_haproxy_on_the_rewritten_config(tmp_path):
+    config = ray_config(tmp_path, local.free_port(), local.free_port())
+    script = haproxy_shed.installed_script()
+    assert script, "pip install -e . makes the textclf-haproxy script"
+    out = subprocess.run([script, "-c", "-f", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "maxconn 64" in Path(f"{config}.shed").read_text()
+    assert json.loads(Path(f"{config}.busy.json").read_text())["error"]["code"] == 503
+    bad = subprocess.run([script, "-c", "-f", str(config)], env={**os.environ, "TEXTCLF_REPLICA_MAXCONN": "0"})
+    assert bad.returncode != 0
