@@ -70,6 +70,9 @@ def serve_env(ingress: Optional[str] = None, haproxy_dir: Optional[str] = None) 
     env = dict(BASE_ENV)
     if ingress_choice(ingress) == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # a replica whose health check failed (its /-/healthz turns 503) leaves HAProxy's rotation ~1 s later, not
+        # ~5 s (Ray's default): a retry then reaches a live replica (bench/results/chaos-*.md, engine stopped)
+        env["RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER"] = "1s"
         if haproxy_dir:
             env.update({k: os.path.join(haproxy_dir, f) if f else haproxy_dir for k, f in HAPROXY_PATHS.items()})
             # overload shedding in HAProxy (serve_app/haproxy_shed.py); a cluster's nodes name their own install's
