@@ -11,7 +11,7 @@ Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ra
 - a request that finds TEXTCLF_HAPROXY_MAX_QUEUE requests (default 32) already waiting for an app's replicas is
   answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body.
 
-Light imports only: HAProxy's start and reloads wait for this process.
+Light imports only (the standard library at module level): HAProxy's start and reloads wait for this process.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import os
 import shutil
 import sys
 from typing import Optional, Sequence
-
-from textclf.serving.errors import error_body
 
 SCRIPT = "textclf-haproxy"  # [project.scripts] in pyproject.toml
 DEFAULTS = {"TEXTCLF_REPLICA_MAXCONN": 64, "TEXTCLF_HAPROXY_MAX_QUEUE": 32, "TEXTCLF_RETRY_AFTER_S": 1}
@@ -90,6 +88,9 @@ def write_atomic(path: str, text: str) -> None:
 
 def shed_config(path: str) -> str:
     """Writes PATH.shed (and the refusal's body, PATH.busy.json) beside Ray's config; returns PATH.shed."""
+    # here, not at the top: serve_app.local imports this module for installed_script, and every script imports that
+    from textclf.serving.errors import error_body
+
     retry_after_s = setting("TEXTCLF_RETRY_AFTER_S")
     body_file = f"{path}.busy.json"
     write_atomic(body_file, json.dumps(error_body(503, BUSY_MESSAGE)))
