@@ -28,12 +28,14 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 def build(variant: str, path: str, labels: list[str]):
     """(the model, its logits for a batch) with the kind's LoRA settings."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModel
 
+    from textclf.config import load_config
     from textclf.kinds.encoder import load_model, start_pooler_as_identity, train_pooler_in_full
+    from textclf.training import lora_config
 
-    lora = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["query", "key", "value", "dense"])
+    config = lora_config(load_config(overrides={"model_kind": "encoder"}))  # the kind's LoRA, task SEQ_CLS
     if variant == "mean-linear":
         backbone = AutoModel.from_pretrained(path)
 
@@ -47,10 +49,10 @@ def build(variant: str, path: str, labels: list[str]):
                 states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 return self.classifier((states * mask).sum(1) / mask.sum(1))
 
-        model = get_peft_model(MeanLinear(), LoraConfig(**lora, modules_to_save=["classifier"]))
+        config.task_type, config.modules_to_save = None, ["classifier"]  # a plain module, its head in full
+        model = get_peft_model(MeanLinear(), config)
         return model, lambda ids, am: model(input_ids=ids, attention_mask=am)
     base = load_model(path, labels, pooling=None if variant == "cls" else "MEAN")
-    config = LoraConfig(**lora, task_type="SEQ_CLS")
     if variant == "mean-identity":
         start_pooler_as_identity(base)
         train_pooler_in_full(config)
