@@ -9,7 +9,9 @@ Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ra
 - each replica gets at most TEXTCLF_REPLICA_MAXCONN requests at once (default 64, config.yaml's
   max_ongoing_requests); more wait in HAProxy's queue;
 - a request that finds TEXTCLF_HAPROXY_MAX_QUEUE requests (default 32) already waiting for an app's replicas is
-  answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body.
+  answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body;
+- HAProxy's own errors keep their status and get the API's JSON body (Ray turns 502, 503 and 504 into a plain-text
+  500, which a client cannot tell from a bug in the app); 503 (no replica up) carries Retry-After.
 
 Light imports only (the standard library at module level): HAProxy's start and reloads wait for this process.
 """
@@ -20,12 +22,18 @@ import json
 import os
 import shutil
 import sys
+from http import HTTPStatus
 from typing import Optional, Sequence
 
 SCRIPT = "textclf-haproxy"  # [project.scripts] in pyproject.toml
 DEFAULTS = {"TEXTCLF_REPLICA_MAXCONN": 64, "TEXTCLF_HAPROXY_MAX_QUEUE": 32, "TEXTCLF_RETRY_AFTER_S": 1}
 BUSY_MESSAGE = "server busy: every replica is at its limit and the queue is full; retry later"
 ROUTER_SUFFIX = "-via-ingress-request-router"  # mirrors a backend's servers (`track`): limited through the primary
+GATEWAY_ERRORS = {  # HAProxy's own answers, which Ray's template sends to one plain-text 500 file
+    502: "bad gateway: the replica closed the connection without an answer; retry",
+    503: "no replica is available (starting, restarting or all down); retry later",
+    504: "gateway timeout: the replica did not answer in time",
+}
 
 
 def setting(name: str) -> int:
@@ -53,8 +61,11 @@ def replica_backends(config: str) -> list[str]:
     return [n for n in names if f"is_{n}" in acls]
 
 
-def shed(config: str, maxconn: int, max_queue: int, retry_after_s: int, body_file: str) -> str:
-    """Ray's HAProxy config with a per-replica connection limit and the refusal of requests over the queue limit."""
+def shed(
+    config: str, maxconn: int, max_queue: int, retry_after_s: int, body_file: str, error_files: dict[int, str]
+) -> str:
+    """Ray's HAProxy config with a per-replica connection limit, the refusal of requests over the queue limit, and
+    `errorfile` lines for the statuses in `error_files` pointing at those files."""
     backends = replica_backends(config)
     refuse = [
         f"    http-request return status 503 content-type application/json hdr Retry-After {retry_after_s} "
@@ -73,6 +84,8 @@ def shed(config: str, maxconn: int, max_queue: int, retry_after_s: int, body_fil
             refused = True
         if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["default-server"]:
             line = f"{line} maxconn {maxconn}"
+        if len(words) == 3 and words[0] == "errorfile" and words[1].isdigit() and int(words[1]) in error_files:
+            line = f"{line[: len(line) - len(line.lstrip())]}errorfile {words[1]} {error_files[int(words[1])]}"
         out.append(line)
     if backends and not refused:
         raise ValueError("no use_backend line in frontend http_frontend: Ray's HAProxy template has changed")
@@ -86,18 +99,32 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def error_response(status: int, body: str, retry_after_s: int) -> str:
+    """A whole HTTP response as HAProxy's `errorfile` wants it: a JSON body, Retry-After on a 503."""
+    headers = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json"]
+    headers += [f"Retry-After: {retry_after_s}"] if status == 503 else []
+    headers += [f"Content-Length: {len(body.encode())}", "Cache-Control: no-cache", "Connection: close"]
+    return "\r\n".join(headers) + "\r\n\r\n" + body
+
+
 def shed_config(path: str) -> str:
-    """Writes PATH.shed (and the refusal's body, PATH.busy.json) beside Ray's config; returns PATH.shed."""
+    """Writes PATH.shed beside Ray's config, with the refusal's body (PATH.busy.json) and HAProxy's error answers
+    (PATH.<status>.http); returns PATH.shed."""
     # here, not at the top: serve_app.local imports this module for installed_script, and every script imports that
     from textclf.serving.errors import error_body
 
     retry_after_s = setting("TEXTCLF_RETRY_AFTER_S")
     body_file = f"{path}.busy.json"
     write_atomic(body_file, json.dumps(error_body(503, BUSY_MESSAGE)))
+    error_files = {status: f"{path}.{status}.http" for status in GATEWAY_ERRORS}
+    for status, message in GATEWAY_ERRORS.items():
+        write_atomic(
+            error_files[status], error_response(status, json.dumps(error_body(status, message)), retry_after_s)
+        )
     with open(path) as f:
         config = f.read()
     limits = setting("TEXTCLF_REPLICA_MAXCONN"), setting("TEXTCLF_HAPROXY_MAX_QUEUE")
-    write_atomic(f"{path}.shed", shed(config, *limits, retry_after_s, body_file))
+    write_atomic(f"{path}.shed", shed(config, *limits, retry_after_s, body_file, error_files))
     return f"{path}.shed"
 
 

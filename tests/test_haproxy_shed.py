@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -65,6 +66,11 @@ class SlowReplica(BaseHTTPRequestHandler):
         pass
 
 
+class DroppingReplica(SlowReplica):
+    def do_POST(self):  # a replica process that dies mid-request: the connection closes without an answer
+        self.close_connection = True
+
+
 @pytest.fixture
 def replica():
     server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReplica)
@@ -73,22 +79,60 @@ def replica():
     server.shutdown()
 
 
+@contextmanager
+def haproxy(config_file: str, port: int):
+    """Ray's bundled HAProxy on `config_file`, once it answers on `port`."""
+    binary = haproxy_shed.bundled_haproxy()
+    check = subprocess.run([binary, "-c", "-f", config_file], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([binary, "-db", "-f", config_file], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+ERRORS = {502: "/x/502.http", 503: "/x/503.http", 504: "/x/504.http"}
+
+
 def test_rays_config_gets_the_limit_and_the_refusal(tmp_path):
     config = ray_config(tmp_path, local.free_port(), local.free_port()).read_text()
     assert haproxy_shed.replica_backends(config) == ["textclf"]
-    out = haproxy_shed.shed(config, maxconn=7, max_queue=3, retry_after_s=2, body_file="/x/busy.json")
+    out = haproxy_shed.shed(
+        config, maxconn=7, max_queue=3, retry_after_s=2, body_file="/x/busy.json", error_files=ERRORS
+    )
     default_server = [line for line in out.splitlines() if line.strip().startswith("default-server")]
     assert default_server and all(line.endswith(" maxconn 7") for line in default_server)
     lines = out.splitlines()
     refusal = next(i for i, line in enumerate(lines) if "/x/busy.json" in line)
     assert "hdr Retry-After 2 file /x/busy.json if is_textclf { queue(textclf) ge 3 }" in lines[refusal]
     assert refusal < next(i for i, line in enumerate(lines) if line.strip().startswith("use_backend textclf"))
+    # Ray's plain-text 500 for HAProxy's own errors is replaced, status by status
+    assert [line.split() for line in lines if line.strip().startswith("errorfile")] == [
+        ["errorfile", str(status), path] for status, path in ERRORS.items()
+    ]
     # nothing else changed
     assert [
         line
         for line in lines
-        if "maxconn 7" not in line and "busy.json" not in line and "textclf: overload" not in line
-    ] == [line for line in config.splitlines() if not line.strip().startswith("default-server")]
+        if "maxconn 7" not in line
+        and "busy.json" not in line
+        and "textclf: overload" not in line
+        and not line.strip().startswith("errorfile")
+    ] == [
+        line
+        for line in config.splitlines()
+        if not line.strip().startswith("default-server") and not line.strip().startswith("errorfile")
+    ]
 
 
 MOVED = (  # a template whose frontend routes its app some other way than `use_backend`
@@ -101,9 +145,9 @@ MOVED = (  # a template whose frontend routes its app some other way than `use_b
 
 def test_no_app_no_change_and_a_changed_template_is_noticed():
     empty = "frontend http_frontend\n    bind :8000\n    default_backend default_backend\nbackend default_backend\n"
-    assert haproxy_shed.shed(empty, 64, 32, 1, "/b") == empty
+    assert haproxy_shed.shed(empty, 64, 32, 1, "/b", ERRORS) == empty
     with pytest.raises(ValueError, match="template has changed"):
-        haproxy_shed.shed(MOVED.format(port=1, replica=2), 64, 32, 1, "/b")
+        haproxy_shed.shed(MOVED.format(port=1, replica=2), 64, 32, 1, "/b", ERRORS)
 
 
 def test_the_wrapper_serves_rays_config_as_it_is_when_it_cannot_shed(tmp_path):
@@ -120,31 +164,16 @@ def test_haproxy_refuses_an_overload_at_once_with_the_api_error(tmp_path, replic
     config = ray_config(tmp_path, port, replica)
     monkeypatch.setenv("TEXTCLF_REPLICA_MAXCONN", "2")
     monkeypatch.setenv("TEXTCLF_HAPROXY_MAX_QUEUE", "2")
-    shed = haproxy_shed.shed_config(str(config))
-    binary = haproxy_shed.bundled_haproxy()
-    check = subprocess.run([binary, "-c", "-f", shed], capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
-    proc = subprocess.Popen([binary, "-db", "-f", shed], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
-                break
-            except (httpx.TransportError, AssertionError):
-                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
-                time.sleep(0.2)
 
-        def post(_):
-            t0 = time.perf_counter()
-            r = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}, timeout=30)
-            return r, time.perf_counter() - t0
+    def post(_):
+        t0 = time.perf_counter()
+        r = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}, timeout=30)
+        return r, time.perf_counter() - t0
 
+    with haproxy(haproxy_shed.shed_config(str(config)), port):
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(post, range(12)))
-    finally:
-        proc.terminate()
-        proc.wait(10)
     served = [(r, s) for r, s in answers if r.status_code == 200]
     refused = [(r, s) for r, s in answers if r.status_code == 503]
     assert len(served) + len(refused) == 12
@@ -156,6 +185,27 @@ def test_haproxy_refuses_an_overload_at_once_with_the_api_error(tmp_path, replic
         assert r.headers["Content-Type"] == "application/json"
         error = r.json()["error"]
         assert error["code"] == 503 and error["type"] == "ServiceUnavailableError" and "busy" in error["message"]
+
+
+@pytest.mark.parametrize("case", ["no replica listening", "replica drops the connection"])
+def test_haproxys_own_errors_keep_their_status_with_the_api_error(tmp_path, case):
+    if case == "no replica listening":
+        replica_port, status = local.free_port(), 503  # connection refused, retried, then no server left
+    else:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), DroppingReplica)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        replica_port, status = server.server_address[1], 502
+    port = local.free_port()
+    config = ray_config(tmp_path, port, replica_port)
+    assert "Internal Server Error" in (tmp_path / "500.http").read_text()  # what Ray's config answers
+    with haproxy(haproxy_shed.shed_config(str(config)), port):
+        r = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}, timeout=30)
+    if case != "no replica listening":
+        server.shutdown()
+    assert r.status_code == status, r.text
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.json()["error"]["code"] == status and r.json()["error"]["message"] == haproxy_shed.GATEWAY_ERRORS[status]
+    assert r.headers.get("Retry-After") == ("1" if status == 503 else None)
 
 
 def test_the_wrapper_runs_rays_haproxy_on_the_rewritten_config(tmp_path):
