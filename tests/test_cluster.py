@@ -76,43 +76,6 @@ def test_cluster_is_two_nodes_on_loopback(cluster):
     assert int(cluster["gcs_address"].rsplit(":", 1)[1]) not in (6379, 8265)
 
 
-def test_train_then_evaluate_jobs_on_two_nodes_through_a_uri(cluster, tmp_path):
-    runs_uri = f"file://{tmp_path}/bucket/runs"
-    proc = submit(cluster, "python", "-m", "ray_jobs.train", *TINY, "--runs-dir", runs_uri, "--name", "cl")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "succeeded" in out, out[-6000:]
-    # Each rank printed its node: two ranks, two different nodes, both of this cluster.
-    ranks = dict(re.findall(r"\[train\] rank (\d+) on node ([0-9a-f]+)", out))
-    assert set(ranks) == {"0", "1"}, out[-4000:]
-    assert len(set(ranks.values())) == 2 and set(ranks.values()) <= node_ids(cluster)
-    remote = tmp_path / "bucket" / "runs" / "cl"
-    workers = json.loads((remote / "train_output.json").read_text())["worker_nodes"]  # as Ray Train reported them
-    assert len(workers) == 2 and set(workers) == set(ranks.values())
-    assert "step 4/4" in out
-    assert (remote / "adapter" / "classifier.json").exists() and (remote / "config.yaml").exists()
-    ckpts = list((remote / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json"))
-    assert ckpts, "Ray Train wrote no checkpoint to the URI"
-
-    probe = "python -c \"import os, sys; print('PY', sys.executable); print('TOP', sorted(os.listdir('.')))\""
-    # `ray job submit -- a b` quotes each argument, so a command line with && goes through bash -c.
-    proc = submit(
-        cluster,
-        "bash",
-        "-c",
-        f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
-        f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl",
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "macro_f1=" in out, out[-6000:]
-    # The job's `python` is this venv's, on the uploaded working dir, without .venv / runs / .git in it.
-    assert Path(re.search(r"^PY (\S+)$", out, re.M).group(1)).parent == Path(sys.executable).parent
-    top = re.search(r"^TOP (.*)$", out, re.M).group(1)
-    assert "'ray_jobs'" in top and not any(f"'{d}'" in top for d in (".venv", "runs", ".git"))
-    metrics = json.loads((remote / "metrics.json").read_text())  # mirrored back to the URI
-    assert metrics["n"] > 0 and 0 <= metrics["macro_f1"] <= 1
-    assert (remote / "merged" / "model.safetensors").exists()
-
-
 def _train_workers(cluster) -> list[psutil.Process]:
     procs = []
     for pid in local.cluster_pids(cluster):
@@ -136,29 +99,28 @@ def _steps(path: Path) -> list[int]:
     return sorted(steps)
 
 
-def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def killed_run(cluster, tmp_path_factory):
+    """One training job, the only one of this module (each costs minutes on 2 cores): submitted with
+    `ray job submit --no-wait` onto a run folder behind a file:// URI, one of its two workers SIGKILLed once the
+    first checkpoint is on disk. Returns the URI, the run's folder, the newest checkpoint's step before the kill,
+    whether and how the job ended, and its log."""
+    bucket = tmp_path_factory.mktemp("bucket")
+    runs_uri = f"file://{bucket}/runs"
     job = f"kill-{uuid.uuid4().hex[:8]}"
+    args = ["--runs-dir", runs_uri, "--name", "cl", "--max-steps", str(STEPS), "--max-failures", "2"]
     proc = submit(
         cluster,
-        "python",
-        "-m",
-        "ray_jobs.train",
-        *TINY,
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--name",
-        "kill",
-        "--max-steps",
-        "10",
-        "--max-failures",
-        "2",
-        "--checkpoints-to-keep",
-        "10",
+        *("python", "-m", "ray_jobs.train", *TINY, *args, "--checkpoints-to-keep", "10"),
         wait=False,
         submission_id=job,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ckpt_dir = tmp_path / "runs" / "kill" / "ray_train"
+    remote = bucket / "runs" / "cl"
+    ckpt_dir = remote / "ray_train"
     deadline = time.time() + 400
     while not _steps(ckpt_dir):
         assert time.time() < deadline, ray_cli(cluster, "logs", "--address", cluster["dashboard"], job).stdout[-4000:]
@@ -170,7 +132,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
     victims = _train_workers(cluster)
     assert len(victims) == 2, [p.cmdline() for p in victims]
     victims[-1].send_signal(signal.SIGKILL)
-    assert max(_steps(ckpt_dir)) < 10, "training finished before the kill"
+    assert max(_steps(ckpt_dir)) < STEPS, "training finished before the kill"
 
     while True:
         proc = ray_cli(cluster, "status", "--address", cluster["dashboard"], job)
@@ -182,14 +144,61 @@ def test_killed_training_worker_resumes_from_its_checkpoint(cluster, tmp_path):
             break
         time.sleep(2)
     log = ray_cli(cluster, "logs", "--address", cluster["dashboard"], job).stdout
-    assert ended and ended.group(1) == "succeeded", st + log[-6000:]
+    return {
+        "uri": runs_uri,
+        "remote": remote,
+        "killed_after": killed_after,
+        "ended": ended and ended.group(1),
+        "log": st + log,
+    }
+
+
+def test_killed_training_worker_resumes_from_its_checkpoint(killed_run):
+    log = killed_run["log"]
+    assert killed_run["ended"] == "succeeded", log[-6000:]
     assert "[train] resuming from" in log, log[-6000:]
     after = log[log.index("[train] resuming from") :]
-    start = re.search(r"\[train\] start: world_size 2, \d+ threads, step (\d+)/10.*\n", after)
+    start = re.search(rf"\[train\] start: world_size 2, \d+ threads, step (\d+)/{STEPS}.*\n", after)
     assert start, after[-6000:]
     resumed_at = int(start.group(1))
-    assert resumed_at >= killed_after >= 2  # the global step continues from a checkpoint, not from 0
+    assert resumed_at >= killed_run["killed_after"] >= 2  # the global step continues from a checkpoint, not from 0
     # the progress lines after the resumed start line (which names the start step itself)
-    later = [int(s) for s in re.findall(r"\[train\] step (\d+)/10", after[start.end() :])]
-    assert later and min(later) > resumed_at and max(later) == 10
-    assert max(_steps(ckpt_dir)) == 10
+    later = [int(s) for s in re.findall(rf"\[train\] step (\d+)/{STEPS}", after[start.end() :])]
+    assert later and min(later) > resumed_at and max(later) == STEPS
+    assert max(_steps(killed_run["remote"] / "ray_train")) == STEPS
+
+
+def test_training_ran_on_both_nodes_and_wrote_the_run_behind_the_uri(cluster, killed_run):
+    out, remote = killed_run["log"], killed_run["remote"]
+    assert killed_run["ended"] == "succeeded", out[-6000:]
+    # Each rank printed its node (again after the restart): two ranks, two different nodes, both of this cluster.
+    ranks = dict(re.findall(r"\[train\] rank (\d+) on node ([0-9a-f]+)", out))
+    assert set(ranks) == {"0", "1"}, out[-4000:]
+    assert len(set(ranks.values())) == 2 and set(ranks.values()) <= node_ids(cluster)
+    workers = json.loads((remote / "train_output.json").read_text())["worker_nodes"]  # as Ray Train reported them
+    assert len(workers) == 2 and set(workers) == set(ranks.values())
+    assert (remote / "adapter" / "classifier.json").exists() and (remote / "config.yaml").exists()
+    assert list((remote / "ray_train").glob("checkpoint_*/checkpoint/trainer_state.json"))
+
+
+def test_export_then_evaluate_jobs_through_the_uri(cluster, killed_run):
+    assert killed_run["ended"] == "succeeded", killed_run["log"][-6000:]
+    runs_uri, remote = killed_run["uri"], killed_run["remote"]
+    probe = "python -c \"import os, sys; print('PY', sys.executable); print('TOP', sorted(os.listdir('.')))\""
+    # `ray job submit -- a b` quotes each argument, so a command line with && goes through bash -c.
+    proc = submit(
+        cluster,
+        "bash",
+        "-c",
+        f"{probe} && python -m ray_jobs.export --runs-dir {runs_uri} --name cl && "
+        f"python -m ray_jobs.evaluate --config configs/smoke.yaml --runs-dir {runs_uri} --name cl",
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "macro_f1=" in out, out[-6000:]
+    # The job's `python` is this venv's, on the uploaded working dir, without .venv / runs / .git in it.
+    assert Path(re.search(r"^PY (\S+)$", out, re.M).group(1)).parent == Path(sys.executable).parent
+    top = re.search(r"^TOP (.*)$", out, re.M).group(1)
+    assert "'ray_jobs'" in top and not any(f"'{d}'" in top for d in (".venv", "runs", ".git"))
+    metrics = json.loads((remote / "metrics.json").read_text())  # mirrored back to the URI
+    assert metrics["n"] > 0 and 0 <= metrics["macro_f1"] <= 1
+    assert (remote / "merged" / "model.safetensors").exists()
