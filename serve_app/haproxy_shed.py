@@ -10,6 +10,9 @@ Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ra
   max_ongoing_requests); more wait in HAProxy's queue;
 - a request that finds TEXTCLF_HAPROXY_MAX_QUEUE requests (default 32) already waiting for an app's replicas is
   answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body;
+- a replica answering 5xx (a dead or stalled engine answers 503 at once, and leastconn would send it ever more
+  requests) leaves the rotation after Ray's error-limit of consecutive errors, not only after connection errors
+  (`observe layer7`); its health check brings it back;
 - HAProxy's own errors keep their status and get the API's JSON body (Ray turns 502, 503 and 504 into a plain-text
   500, which a client cannot tell from a bug in the app); 503 (no replica up) carries Retry-After.
 
@@ -84,6 +87,8 @@ def shed(
             refused = True
         if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["default-server"]:
             line = f"{line} maxconn {maxconn}"
+        if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["server"]:
+            line = line.replace(" observe layer4 ", " observe layer7 ")
         if len(words) == 3 and words[0] == "errorfile" and words[1].isdigit() and int(words[1]) in error_files:
             line = f"{line[: len(line) - len(line.lstrip())]}errorfile {words[1]} {error_files[int(words[1])]}"
         out.append(line)

@@ -26,22 +26,22 @@ GENERATE = """
 import os, sys
 from ray.serve.config import HTTPOptions
 from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
-folder, port, replica, stats, metrics = sys.argv[1], *map(int, sys.argv[2:])
+folder, port, replicas, stats, metrics = sys.argv[1], int(sys.argv[2]), sys.argv[3], *map(int, sys.argv[4:])
 cfg = HAProxyConfig(
     socket_path=os.path.join(folder, "admin.sock"), server_state_base=folder,
     server_state_file=os.path.join(folder, "state"), stats_port=stats, metrics_port=metrics,
     http_options=HTTPOptions(host="127.0.0.1", port=port),
 )
-servers = [ServerConfig("replica1", "127.0.0.1", replica)]
+servers = [ServerConfig(f"replica{i}", "127.0.0.1", int(p)) for i, p in enumerate(replicas.split(","))]
 backend = BackendConfig(name="textclf", path_prefix="/", app_name="textclf", servers=servers)
 api = HAProxyApi(cfg, {"textclf": backend}, config_file_path=os.path.join(folder, "haproxy.cfg"))
 api._generate_config_file_internal()
 """
 
 
-def ray_config(folder: Path, port: int, replica_port: int) -> Path:
-    """The HAProxy config Ray's own code writes for one app with one replica."""
-    ports = [str(p) for p in (port, replica_port, local.free_port(), local.free_port())]
+def ray_config(folder: Path, port: int, *replica_ports: int) -> Path:
+    """The HAProxy config Ray's own code writes for one app with these replicas."""
+    ports = [str(port), ",".join(map(str, replica_ports)), str(local.free_port()), str(local.free_port())]
     subprocess.run([sys.executable, "-c", GENERATE, str(folder), *ports], check=True, capture_output=True)
     return folder / "haproxy.cfg"
 
@@ -66,6 +66,26 @@ class SlowReplica(BaseHTTPRequestHandler):
         pass
 
 
+class FailingReplica(SlowReplica):
+    def do_POST(self):  # a replica whose engine is dead: healthy to HAProxy's check, 503 at once to requests
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class FastReplica(SlowReplica):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self._answer(b'{"label":"x"}')
+
+
+def serve(handler) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 class DroppingReplica(SlowReplica):
     def do_POST(self):  # a replica process that dies mid-request: the connection closes without an answer
         self.close_connection = True
@@ -73,8 +93,7 @@ class DroppingReplica(SlowReplica):
 
 @pytest.fixture
 def replica():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowReplica)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(SlowReplica)
     yield server.server_address[1]
     server.shutdown()
 
@@ -116,6 +135,8 @@ def test_rays_config_gets_the_limit_and_the_refusal(tmp_path):
     refusal = next(i for i, line in enumerate(lines) if "/x/busy.json" in line)
     assert "hdr Retry-After 2 file /x/busy.json if is_textclf { queue(textclf) ge 3 }" in lines[refusal]
     assert refusal < next(i for i, line in enumerate(lines) if line.strip().startswith("use_backend textclf"))
+    servers = [line for line in lines if line.strip().startswith("server ")]
+    assert servers and all(" observe layer7 " in line for line in servers)
     # Ray's plain-text 500 for HAProxy's own errors is replaced, status by status
     assert [line.split() for line in lines if line.strip().startswith("errorfile")] == [
         ["errorfile", str(status), path] for status, path in ERRORS.items()
@@ -128,10 +149,11 @@ def test_rays_config_gets_the_limit_and_the_refusal(tmp_path):
         and "busy.json" not in line
         and "textclf: overload" not in line
         and not line.strip().startswith("errorfile")
+        and "observe layer7" not in line
     ] == [
         line
         for line in config.splitlines()
-        if not line.strip().startswith("default-server") and not line.strip().startswith("errorfile")
+        if not line.strip().startswith(("default-server", "errorfile")) and "observe layer4" not in line
     ]
 
 
@@ -192,8 +214,7 @@ def test_haproxys_own_errors_keep_their_status_with_the_api_error(tmp_path, case
     if case == "no replica listening":
         replica_port, status = local.free_port(), 503  # connection refused, retried, then no server left
     else:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), DroppingReplica)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = serve(DroppingReplica)
         replica_port, status = server.server_address[1], 502
     port = local.free_port()
     config = ray_config(tmp_path, port, replica_port)
@@ -206,6 +227,20 @@ def test_haproxys_own_errors_keep_their_status_with_the_api_error(tmp_path, case
     assert r.headers["Content-Type"] == "application/json"
     assert r.json()["error"]["code"] == status and r.json()["error"]["message"] == haproxy_shed.GATEWAY_ERRORS[status]
     assert r.headers.get("Retry-After") == ("1" if status == 503 else None)
+
+
+def test_a_replica_answering_5xx_leaves_the_rotation(tmp_path):
+    failing, fast = serve(FailingReplica), serve(FastReplica)
+    port = local.free_port()
+    config = ray_config(tmp_path, port, failing.server_address[1], fast.server_address[1])
+    with haproxy(haproxy_shed.shed_config(str(config)), port):
+        with httpx.Client() as client:
+            statuses = [
+                client.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}).status_code for _ in range(40)
+            ]
+    failing.shutdown(), fast.shutdown()
+    # Ray's config (observe layer4) alternates between the two for good: about 20 of the 40 would be 503
+    assert 1 <= statuses.count(503) <= 3 and statuses[-20:] == [200] * 20, statuses
 
 
 def test_the_wrapper_runs_rays_haproxy_on_the_rewritten_config(tmp_path):
