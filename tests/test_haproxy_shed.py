@@ -1,7 +1,7 @@
-"""Overload shedding in Serve's HAProxy (serve_app/haproxy_shed.py): the config Ray 2.60 itself generates, rewritten
-by the wrapper, run by Ray's bundled HAProxy binary in front of a slow HTTP server standing in for a replica (no Ray
-cluster: the wrapper only sees config files). Ray is imported in a subprocess: importing ray.serve here would fix
-its settings for the serve tests."""
+"""Overload shedding in Serve's HAProxy (serve_app/haproxy_shed.py): the config Ray 2.60 itself generates, rewritten by
+the wrapper, run by Ray's bundled HAProxy binary in front of small HTTP servers standing in for replicas (slow,
+failing, dropping the connection; no Ray cluster: the wrapper only sees config files). Ray is imported in a
+subprocess: importing ray.serve here would fix its settings for the serve tests."""
 
 import json
 import os
