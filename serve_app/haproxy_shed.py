@@ -81,13 +81,14 @@ def shed(
         if words and not line[:1].isspace():
             section = words
         in_frontend = section[:2] == ["frontend", "http_frontend"]
+        in_replica_backend = section[:1] == ["backend"] and section[1] in backends
         if in_frontend and backends and not refused and words[:1] in (["use_backend"], ["default_backend"]):
             out.append("    # textclf: overload refused here, not queued in the replicas (serve_app/haproxy_shed.py)")
             out += refuse
             refused = True
-        if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["default-server"]:
+        if in_replica_backend and words[:1] == ["default-server"]:
             line = f"{line} maxconn {maxconn}"
-        if section[:1] == ["backend"] and section[1] in backends and words[:1] == ["server"]:
+        if in_replica_backend and words[:1] == ["server"]:
             line = line.replace(" observe layer4 ", " observe layer7 ")
         if len(words) == 3 and words[0] == "errorfile" and words[1].isdigit() and int(words[1]) in error_files:
             line = f"{line[: len(line) - len(line.lstrip())]}errorfile {words[1]} {error_files[int(words[1])]}"

@@ -112,12 +112,8 @@ def killed_run(cluster, tmp_path_factory):
     runs_uri = f"file://{bucket}/runs"
     job = f"kill-{uuid.uuid4().hex[:8]}"
     args = ["--runs-dir", runs_uri, "--name", "cl", "--max-steps", str(STEPS), "--max-failures", "2"]
-    proc = submit(
-        cluster,
-        *("python", "-m", "ray_jobs.train", *TINY, *args, "--checkpoints-to-keep", "10"),
-        wait=False,
-        submission_id=job,
-    )
+    args += ["--checkpoints-to-keep", "10"]
+    proc = submit(cluster, "python", "-m", "ray_jobs.train", *TINY, *args, wait=False, submission_id=job)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     remote = bucket / "runs" / "cl"
     ckpt_dir = remote / "ray_train"

@@ -46,17 +46,21 @@ def ray_config(folder: Path, port: int, *replica_ports: int) -> Path:
     return folder / "haproxy.cfg"
 
 
-class SlowReplica(BaseHTTPRequestHandler):
+class StandIn(BaseHTTPRequestHandler):
+    """A replica's HTTP server: healthy to HAProxy's check; `respond` answers a POST once its body is read."""
+
     def do_GET(self):  # HAProxy's health check
         self._answer(b'{"status":"ok"}')
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        time.sleep(SLOW_S)
+        self.respond()
+
+    def respond(self):
         self._answer(b'{"label":"x"}')
 
-    def _answer(self, body: bytes):
-        self.send_response(200)
+    def _answer(self, body: bytes, status: int = 200):
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -66,29 +70,26 @@ class SlowReplica(BaseHTTPRequestHandler):
         pass
 
 
-class FailingReplica(SlowReplica):
-    def do_POST(self):  # a replica whose engine is dead: healthy to HAProxy's check, 503 at once to requests
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.send_response(503)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-
-class FastReplica(SlowReplica):
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+class SlowReplica(StandIn):
+    def respond(self):
+        time.sleep(SLOW_S)
         self._answer(b'{"label":"x"}')
+
+
+class FailingReplica(StandIn):
+    def respond(self):  # a replica whose engine is dead: 503 at once
+        self._answer(b"", status=503)
+
+
+class DroppingReplica(StandIn):
+    def respond(self):  # a replica process that dies mid-request: the connection closes without an answer
+        self.close_connection = True
 
 
 def serve(handler) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-class DroppingReplica(SlowReplica):
-    def do_POST(self):  # a replica process that dies mid-request: the connection closes without an answer
-        self.close_connection = True
 
 
 @pytest.fixture
@@ -230,7 +231,7 @@ def test_haproxys_own_errors_keep_their_status_with_the_api_error(tmp_path, case
 
 
 def test_a_replica_answering_5xx_leaves_the_rotation(tmp_path):
-    failing, fast = serve(FailingReplica), serve(FastReplica)
+    failing, fast = serve(FailingReplica), serve(StandIn)
     port = local.free_port()
     config = ray_config(tmp_path, port, failing.server_address[1], fast.server_address[1])
     with haproxy(haproxy_shed.shed_config(str(config)), port):
@@ -238,7 +239,8 @@ def test_a_replica_answering_5xx_leaves_the_rotation(tmp_path):
             statuses = [
                 client.post(f"http://127.0.0.1:{port}/classify", json={"text": "hi"}).status_code for _ in range(40)
             ]
-    failing.shutdown(), fast.shutdown()
+    failing.shutdown()
+    fast.shutdown()
     # Ray's config (observe layer4) alternates between the two for good: about 20 of the 40 would be 503
     assert 1 <= statuses.count(503) <= 3 and statuses[-20:] == [200] * 20, statuses
 
