@@ -19,6 +19,29 @@ def test_metrics_match_hand_computed_values():
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
 
 
+def test_metrics_with_labels_outside_the_list_and_an_unseen_class():
+    # "?" (an unparsed answer) is outside the list; "c" is never gold nor predicted
+    gold = ["a", "a", "a", "b", "?"]
+    pred = ["a", "a", "?", "a", "b"]
+    m = compute_metrics(gold, pred, ["a", "b", "c"])
+    # a: tp 2, predicted 3, support 3 -> p=2/3 r=2/3 f=2/3; b: tp 0 -> 0s, support 1; c: 0s, support 0
+    assert math.isclose(m["per_class"]["a"]["f1"], 2 / 3)
+    assert m["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert math.isclose(m["macro_f1"], (2 / 3) / 3)
+    assert math.isclose(m["macro_precision"], (2 / 3) / 3)
+    assert math.isclose(m["weighted_f1"], (2 / 3) * 3 / 4)  # weights: supports 3, 1, 0
+    assert math.isclose(m["accuracy"], 2 / 5)  # every row counts, "?" rows too
+    assert m["confusion_matrix"] == [[2, 0, 0], [1, 0, 0], [0, 0, 0]]  # rows and columns outside the list dropped
+
+
+def test_metrics_refuse_mismatched_or_empty_input():
+    with pytest.raises(ValueError, match="2 gold labels but 1 predictions"):
+        compute_metrics(["a", "b"], ["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="no predictions"):
+        compute_metrics([], [], ["a"])
+
+
 def test_report_files(tmp_path):
     m = compute_metrics(["a", "b"], ["a", "a"], ["a", "b"])
     write_report(m, [{"text": "t", "gold": "a", "predicted": "a", "probability": 0.9}], tmp_path, {"n_extra": 1})

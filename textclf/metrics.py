@@ -13,30 +13,47 @@ import numpy as np
 
 
 def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
+    """Accuracy over every row; per-class, macro and support-weighted precision/recall/F1 and the confusion matrix
+    (rows gold, columns predicted) over `labels`, as scikit-learn computes them with zero_division=0. Not with
+    scikit-learn: installed, it and SciPy are imported by transformers in every vLLM process, ~3 s of each start
+    (bench/results/engine-start.md)."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
     if not gold:
         raise ValueError("no predictions to score")
     labels = list(labels)
-    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
-    macro = precision_recall_fscore_support(gold, pred, labels=labels, average="macro", zero_division=0)
-    weighted = precision_recall_fscore_support(gold, pred, labels=labels, average="weighted", zero_division=0)
+    index = {label: i for i, label in enumerate(labels)}
+    k = len(labels)
+    g = np.asarray([index.get(x, k) for x in gold])  # k: a label outside the list
+    q = np.asarray([index.get(x, k) for x in pred])
+    cm = np.zeros((k + 1, k + 1), dtype=np.int64)
+    np.add.at(cm, (g, q), 1)
+    tp = np.diag(cm)[:k].astype(float)
+    support = cm[:k, :].sum(axis=1)
+    p = _ratio(tp, cm[:, :k].sum(axis=0))
+    r = _ratio(tp, support)
+    f = _ratio(2 * p * r, p + r)
+    weights = support / support.sum() if support.sum() else np.zeros(k)
     return {
         "n": len(gold),
-        "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(macro[2]),
-        "macro_precision": float(macro[0]),
-        "macro_recall": float(macro[1]),
-        "weighted_f1": float(weighted[2]),
+        "accuracy": float(np.mean(np.asarray(gold, dtype=object) == np.asarray(pred, dtype=object))),
+        "macro_f1": float(f.mean()),
+        "macro_precision": float(p.mean()),
+        "macro_recall": float(r.mean()),
+        "weighted_f1": float((f * weights).sum()),
         "per_class": {
-            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
             for i, label in enumerate(labels)
         },
         "labels": labels,
-        "confusion_matrix": confusion_matrix(gold, pred, labels=labels).tolist(),
+        "confusion_matrix": cm[:k, :k].tolist(),
     }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0 (scikit-learn's zero_division=0)."""
+    den = np.asarray(den, dtype=float)
+    return np.divide(num, den, out=np.zeros_like(den), where=den > 0)
 
 
 ECE_BINS = 15
