@@ -8,8 +8,9 @@ Ray + Serve with the serving environment (serve_app.local: direct ingress), so n
 the app is deleted after each, and the vLLM processes still running then are counted and removed. The load is an
 open loop at `--rate` requests/s (bench.chaos_client: each request retried once). Scenarios:
 
-  engine_killed          SIGKILL the EngineCore process of one replica (through the Serve proxy)
-  engine_stopped         SIGSTOP it: the engine hangs, only the health check's probe notices (proxy)
+  engine_killed          SIGKILL the process that runs one replica's engine (through the Serve proxy): its EngineCore,
+                         or the replica itself with engine.process inline
+  engine_stopped         SIGSTOP it: the engine hangs, only a health check notices (proxy)
   replica_killed_proxy   SIGKILL one ServeReplica actor process (proxy)
   replica_killed_direct  the same, the client spreading over the replicas' own ports (direct ingress)
   overload               `--overload`x the sustainable rate (a closed-loop measure first) for `--duration` s (proxy)
@@ -58,6 +59,12 @@ def engine_pids(replica_pid: int) -> list[int]:
     return [p for p in our_vllm_processes() if p in below]
 
 
+def engine_processes(replica_pid: int) -> list[int]:
+    """The processes that run a replica's engine: its vLLM children, or the replica itself when the engine is
+    inline (engine.process)."""
+    return engine_pids(replica_pid) or [replica_pid]
+
+
 def raise_priority(nice: int = -10) -> int:
     """The load's thread (and those it starts) at `nice`, where allowed: on the service's own 2 cores a client at the
     replicas' priority measures its own CPU starvation under overload (a late send, a late read) as the service's
@@ -84,14 +91,14 @@ def alive(pids: list[int]) -> list[int]:
 
 
 def kill_engine(replica: dict) -> dict:
-    pids = engine_pids(replica["pid"])
+    pids = engine_processes(replica["pid"])
     for p in pids:
         os.kill(p, signal.SIGKILL)
     return {"signal": "SIGKILL", "pids": pids, "engines": pids}
 
 
 def stop_engine(replica: dict) -> dict:
-    pids = engine_pids(replica["pid"])
+    pids = engine_processes(replica["pid"])
     for p in pids:
         os.kill(p, signal.SIGSTOP)
     return {"signal": "SIGSTOP", "pids": pids, "engines": pids}
@@ -336,14 +343,15 @@ def deploy(cluster: Any, folder: str, args: dict, replicas: int) -> float:
 
 
 def teardown(timeout: float = 30.0) -> dict[str, Any]:
-    """Delete the app; the vLLM processes still running `timeout` s later are reported, then killed."""
+    """Delete the app; the processes running an engine (vLLM's, and replicas, where an inline engine runs) still
+    running `timeout` s later are reported, then killed."""
     import psutil
     from ray import serve
 
-    from serve_app.local import our_vllm_processes, wait_gone
+    from serve_app.local import our_replica_processes, our_vllm_processes, wait_gone
 
     serve.delete(APP)
-    left = wait_gone(our_vllm_processes, timeout)
+    left = wait_gone(lambda: set(our_vllm_processes()) | set(our_replica_processes()), timeout)
     states = {}
     for p in left:
         try:
@@ -403,7 +411,7 @@ def fmt(v: Any) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| scenario | ingress | sent | 2xx | refused | lost | first attempts failed | s to full service "
-        "| vLLM processes left |",
+        "| engine processes left |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -436,7 +444,7 @@ def goals(rows: list[dict]) -> list[str]:
     out = []
     for r in filter(lambda r: "error" not in r, rows):
         out.append(
-            f"{r['scenario']}: lost {r['lost']} (goal 0), vLLM processes left {r['vllm_left']} (goal 0)"
+            f"{r['scenario']}: lost {r['lost']} (goal 0), engine processes left {r['vllm_left']} (goal 0)"
             + (
                 f"; the faulted replica's engine still running after recovery: {r['victim_engines_alive_at_end']}"
                 if r.get("victim_engines_alive_at_end")

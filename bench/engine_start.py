@@ -2,7 +2,7 @@
 process start to its first answer, as the evaluation (offline vLLM) and as the Serve app (one replica).
 
     python -m bench.engine_start offline RUN TEXTS_JSON OUT_JSON   # then classifies every text of TEXTS_JSON
-    python -m bench.engine_start serve RUN OUT_JSON
+    python -m bench.engine_start serve RUN [PROCESS] OUT_JSON   # PROCESS: engine.process (separate, inline)
 
 Writes wall-clock timestamps (time.time()) to OUT_JSON; the parent subtracts the moment it started this process.
 """
@@ -30,16 +30,18 @@ def offline(run: Path, texts_file: Path) -> dict:
     return {"first_answer_at": first, "done_at": time.time(), "labels": labels}
 
 
-def serve(run: Path) -> dict:
+def serve(run: Path, process: str = "separate") -> dict:
     import httpx
+    import yaml
 
     from serve_app.local import LocalServe
 
     one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
     with LocalServe() as cluster:
-        from serve_app.app import app_from_config  # imports ray.serve, which reads the environment just set
+        from serve_app.app import DEFAULT_CONFIG, app_from_config  # imports ray.serve: it reads the environment set
 
-        app = app_from_config(run=str(run), deployment_overrides=one_replica)
+        engine = {**yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]["engine"], "process": process}
+        app = app_from_config(run=str(run), deployment_overrides=one_replica, engine=engine)
         deploy = time.time()
         cluster.run(app)
         r = httpx.post(f"{cluster.proxy_url}/classify", json={"text": "hello"}, timeout=60)
@@ -49,5 +51,5 @@ def serve(run: Path) -> dict:
 
 if __name__ == "__main__":
     mode, run, *rest = sys.argv[1:]
-    result = offline(Path(run), Path(rest[0])) if mode == "offline" else serve(Path(run))
+    result = offline(Path(run), Path(rest[0])) if mode == "offline" else serve(Path(run), *rest[:-1])
     Path(rest[-1]).write_text(json.dumps(result))

@@ -13,7 +13,8 @@ Per kind and repeat, on the bundled data (or --train-file/--test-file), with eac
 2. Evaluation: the Ray Data + vLLM job against vLLM offline in a fresh process on the same prompts (validation and
    test), both from their start to the last answer (process and engine start included).
 3. Engine start, process start to first answer: the evaluation's (offline, a fresh process) and the Serve app's
-   (serve.run of one replica to its first /classify answer).
+   (serve.run of one replica to its first /classify answer), with the app's engine in a process of its own (the
+   default) and inside the replica (engine.process inline).
 Writes bench/results/pipeline.json and bench/results/pipeline.md (the table it prints).
 """
 
@@ -153,6 +154,7 @@ def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
     job = [json.loads(line)["predicted"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     agree = sum(a == b for a, b in zip(offline["labels"][-len(job) :], job)) / len(job)
     _, served = in_fresh_process(["serve", str(run_dir)])  # timed from its deployment, not its process start
+    _, inline = in_fresh_process(["serve", str(run_dir), "inline"])
     return {
         "n_prompts": len(texts),
         "ray_data_prompts_per_s": ray_eval["prompts_per_second"],
@@ -160,6 +162,7 @@ def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
         "same_labels": agree,
         "eval_engine_start_s": offline["first_answer_at"] - started,
         "serve_start_s": served["first_answer_at"] - served["deploy_at"],
+        "serve_start_inline_s": inline["first_answer_at"] - inline["deploy_at"],
     }
 
 
@@ -210,6 +213,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
         for label, key in (
             ("engine start, evaluation (process start to first answer), s", "eval_engine_start_s"),
             ("engine start, serving (serve.run to first answer), s", "serve_start_s"),
+            ("the same, engine inside the replica (engine.process inline), s", "serve_start_inline_s"),
             ("fp32 matmul peak, GFLOP/s", "peak_gflops"),
             ("same label, Ray Data job vs offline", "same_labels"),
         ):

@@ -1,5 +1,5 @@
-"""The Ray Serve application: one deployment that owns a vLLM `AsyncLLM` engine and serves the FastAPI app of
-serve_app/api.py.
+"""The Ray Serve application: one deployment that owns a vLLM engine (inside the replica, or in a process of its
+own: engine.process) and serves the FastAPI app of serve_app/api.py.
 
     serve run serve_app/config.yaml          # locally (make serve), stop with `serve shutdown -y`
     serve deploy serve_app/config.yaml       # on a running cluster
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from ray import serve
 from serve_app.api import create_api
 from serve_app.cpu_placement import bind_cores, engine_on_its_cores
 from serve_app.engine import VllmEngine
+from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
 from textclf.serving import Classifiers, ServeConfig, pin_model, resolve_plan
 
@@ -45,14 +47,17 @@ class ClassifierServer:
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
-        with engine_on_its_cores(mask):
-            self.engine = VllmEngine(self.plan, self.cfg)
+        inline = self.cfg.engine.process == "inline"
+        # an inline engine's thread binds its own cores as it builds the engine (vLLM's CPU worker)
+        with nullcontext() if inline else engine_on_its_cores(mask):
+            self.engine = (InlineEngine if inline else VllmEngine)(self.plan, self.cfg)
         self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
         self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
         log.info(
-            "textclf: engine %s ready in %.1fs (classifiers %s, cores %s)",
+            "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
             self.plan.engine_model,
             time.time() - t0,
+            "inline" if inline else "separate process",
             self.classifiers.names,
             mask,
         )

@@ -65,7 +65,8 @@ def bind_cores(cfg: ServeConfig) -> Optional[str]:
 
 @contextmanager
 def engine_on_its_cores(mask: Optional[str]) -> Iterator[None]:
-    """Start the engine's processes on its own cores, then move this replica's threads off them.
+    """Start the engine's processes on its own cores, then move this replica's threads off them (an engine in a
+    process of its own, engine.process separate; an inline engine's thread binds its cores itself).
 
     The engine's processes (EngineCore, with the model worker inside it on CPU, or beside it in a process of its own
     with VLLM_ENABLE_V1_MULTIPROCESSING=1) then compute and poll on those cores instead of taking CPU from the replica

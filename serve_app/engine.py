@@ -1,4 +1,5 @@
-"""`textclf.serving.Engine` over vLLM's AsyncLLM: the engine a replica owns."""
+"""`textclf.serving.Engine` over vLLM's AsyncLLM: the engine a replica owns, in an EngineCore process of its own
+(`engine.process: separate`, the default; serve_app/inline_engine.py keeps it inside the replica)."""
 
 from __future__ import annotations
 
@@ -8,33 +9,38 @@ from textclf.inference import engine_in_one_process, engine_kwargs, engine_outpu
 from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
 
 
+def engine_setup(plan: ServingPlan, cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any], list | None]:
+    """What both engines are built from: (vLLM engine arguments, one LoRARequest per configured adapter by
+    classifier name, the stat loggers)."""
+    # vLLM takes seconds to import: only replicas load it, not the builder or the tests that import the app
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    kw = engine_kwargs(
+        plan.engine_model,
+        plan.max_model_len,
+        cfg.engine.settings(),
+        enable_lora=plan.enable_lora,
+        max_loras=plan.max_loras,
+        max_lora_rank=plan.max_lora_rank,
+        runner=plan.runner,
+        pooling=plan.pooling,
+    )
+    # no periodic stats log lines; with engine.stats the Ray logger still records vLLM's metrics (ray_vllm_*)
+    kw["disable_log_stats"] = True
+    loras = {s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir) for s in plan.classifiers.values() if s.adapter_dir}
+    return kw, loras, [RayPrometheusStatLogger] if cfg.engine.stats else None
+
+
 class VllmEngine:
     """One AsyncLLM for the plan's model; one LoRARequest per configured adapter."""
 
     def __init__(self, plan: ServingPlan, cfg: ServeConfig):
-        # vLLM takes seconds to import: only replicas load it, not the builder or the tests that import the app
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.lora.request import LoRARequest
         from vllm.v1.engine.async_llm import AsyncLLM
-        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        kw = engine_kwargs(
-            plan.engine_model,
-            plan.max_model_len,
-            cfg.engine.settings(),
-            enable_lora=plan.enable_lora,
-            max_loras=plan.max_loras,
-            max_lora_rank=plan.max_lora_rank,
-            runner=plan.runner,
-            pooling=plan.pooling,
-        )
+        kw, self.loras, loggers = engine_setup(plan, cfg)
         self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
-        # no periodic stats log lines; with engine.stats the Ray logger still records vLLM's metrics (ray_vllm_*)
-        kw["disable_log_stats"] = True
-        self.loras = {
-            s.name: LoRARequest(s.name, s.lora_id, s.adapter_dir) for s in plan.classifiers.values() if s.adapter_dir
-        }
-        loggers = [RayPrometheusStatLogger] if cfg.engine.stats else None
         engine_in_one_process()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=loggers)
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from serve_app.local import LocalServe, our_vllm_processes, wait_no_vllm
+from serve_app.local import LocalServe, our_replica_processes, our_vllm_processes, wait_gone, wait_no_vllm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,28 +86,37 @@ ONE_REPLICA = {
 }
 
 
-def run_app(run: Path, deployment: dict = ONE_REPLICA) -> Any:
-    """The app of serve_app/config.yaml serving `run`, with the tests' arguments and these deployment options."""
+INLINE_ENGINE = {"engine": {**TEST_ARGS["engine"], "process": "inline"}}  # the engine inside the replica process
+
+
+def run_app(run: Path, deployment: dict = ONE_REPLICA, **args: Any) -> Any:
+    """The app of serve_app/config.yaml serving `run`, with the tests' arguments (and `args` over them) and these
+    deployment options."""
     from serve_app.app import app_from_config
 
-    return app_from_config(run=str(run), **TEST_ARGS, deployment_overrides=deployment)
+    return app_from_config(run=str(run), **{**TEST_ARGS, **args}, deployment_overrides=deployment)
 
 
 @dataclass
 class Deployed:
     name: str
     client: httpx.Client
-    engines: list[int]  # the app's vLLM processes when it came up
+    engines: list[int]  # the app's vLLM processes when it came up (none with an inline engine)
     others: set[int]  # the vLLM processes already running before it (other apps' engines)
+    replicas: list[int]  # its Serve replica processes (an inline engine runs in each)
     deleted: bool = False
 
     def delete(self, timeout: float = 60) -> None:
-        """Delete the app and wait until the vLLM processes started since its deployment have exited (raises)."""
+        """Delete the app and wait until the vLLM processes started since its deployment and its replica processes
+        have exited (raises)."""
         from ray import serve
 
         self.deleted = True
         serve.delete(self.name)
         wait_no_vllm(timeout=timeout, besides=self.others)
+        left = wait_gone(lambda: set(self.replicas) & set(our_replica_processes()), timeout)
+        if left:
+            raise RuntimeError(f"replica processes still running after {timeout}s: {left}")
 
 
 @contextmanager
@@ -115,13 +124,14 @@ def deployed(cluster: LocalServe, app: Any, name: str, timeout: float = 120) -> 
     """Deploy `app` as application `name` (route /, or /<name> for any other name, so apps can share the cluster);
     delete it on exit. Apps on one cluster are deployed one at a time, so new vLLM processes are this app's."""
     prefix = "/" if name == "textclf" else f"/{name}"
-    others = set(our_vllm_processes())
+    others, other_replicas = set(our_vllm_processes()), set(our_replica_processes())
     t0 = time.time()
     cluster.run(app, name=name, route_prefix=prefix)
     print(f"\n[serve] app {name} up in {time.time() - t0:.1f}s")
     engines = sorted(set(our_vllm_processes()) - others)
+    replicas = sorted(set(our_replica_processes()) - other_replicas)
     with httpx.Client(base_url=cluster.proxy_url + prefix, timeout=timeout) as client:
-        served = Deployed(name, client, engines, others)
+        served = Deployed(name, client, engines, others, replicas)
         try:
             yield served
         finally:

@@ -3,8 +3,8 @@ small model the session trains once (conftest's tiny pipeline run, shared with t
 
 One app (the run's merged model, from serve_app/config.yaml) serves the endpoint and bad-input tests and is compared
 with the evaluation job's predictions. Tests that break or remove an app deploy one of their own on the same cluster
-(the engine kill: 503, /ready false; the deletion: no vLLM process left), as does the test of two LoRA adapters on
-one engine; each is deleted after its test.
+(the engine kill: 503, /ready false; the deletion: no vLLM process left; the engine inline, in the replica: the same
+answers), as does the test of two LoRA adapters on one engine; each is deleted after its test.
 """
 
 import asyncio
@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from support import ONE_REPLICA, TEST_ARGS, deployed, run_app
+from support import INLINE_ENGINE, ONE_REPLICA, TEST_ARGS, deployed, run_app
 
 from serve_app.local import our_vllm_processes
 
@@ -190,6 +190,20 @@ def test_deleting_the_app_leaves_no_vllm_processes(own_app):
     assert own_app.engines, "expected a running engine before the deletion"
     own_app.delete()  # raises while a vLLM process started since the app's deployment is left
     assert not set(own_app.engines) & set(our_vllm_processes())
+
+
+def test_inline_engine_answers_as_the_separate_one_and_leaves_no_process(cluster, tiny_run, app):
+    """engine.process inline: the engine inside the replica process, no vLLM process of its own; the same answers as
+    the module's app (its engine in a process of its own); deleting the app ends the replica."""
+    texts = ["how much is left in my checking account", "book a flight to rome", "my card was declined", "hi"]
+    with deployed(cluster, run_app(tiny_run, **INLINE_ENGINE), "inline") as own:
+        assert own.replicas and not own.engines, (own.replicas, own.engines)
+        inline = own.client.post("/classify/batch", json={"texts": texts})
+        separate = app.post("/classify/batch", json={"texts": texts})
+        assert inline.status_code == separate.status_code == 200, (inline.text, separate.text)
+        for a, b in zip(inline.json(), separate.json()):
+            assert a["label"] == b["label"] and abs(a["confidence"] - b["confidence"]) < 1e-4, (a, b)
+        own.delete()  # raises while its replica process is left
 
 
 # -- two adapters on one engine ---------------------------------------------------------------------------------

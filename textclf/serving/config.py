@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,12 @@ class EngineOptions(BaseModel):
     kv_cache_gib: float = Field(0.5, gt=0)  # CPU: the KV cache size
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # GPU: the usual fraction
     max_lora_rank: Optional[int] = None  # default: the largest adapter rank, rounded up to one vLLM supports
+    process: Literal["separate", "inline"] = Field(
+        "separate",
+        description="where the engine runs: separate, in an EngineCore process of its own (vLLM's AsyncLLM); or "
+        "inline, inside the replica process, stepped by a thread of its own: a replica starts ~10 s sooner on CPU "
+        "but serves fewer requests/s (serve_app/README.md, 'Where the engine runs')",
+    )
     stats: bool = Field(
         True,
         description="vLLM's engine statistics (queue, KV cache, token and latency histograms) as Ray metrics "
