@@ -221,6 +221,21 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> str:
+    """The table of the repeats done so far, printed and written (after every repeat: a failure keeps them)."""
+    done = min(len(runs) for runs in results.values())
+    text = table({kind: runs[:done] for kind, runs in results.items()})
+    header = (
+        f"{done} repeats, median [min–max]; {args.steps} steps of global batch {args.batch}, one Ray Train "
+        f"worker with {os.cpu_count()} CPUs against one process on as many threads; "
+        f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "pipeline.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (RESULTS / "pipeline.md").write_text(f"# make bench\n\n{header}\n\n{text}\n")
+    return f"\n{header}\n\n{text}\n\nwritten {RESULTS / 'pipeline.md'}"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging()
@@ -228,16 +243,8 @@ def main(argv=None) -> None:
     for repeat in range(args.repeats):
         for kind in results:
             results[kind].append(bench_kind(args, kind, repeat))
-    text = table(results)
-    header = (
-        f"{args.repeats} repeats, median [min–max]; {args.steps} steps of global batch {args.batch}, one Ray Train "
-        f"worker with {os.cpu_count()} CPUs against one process on as many threads; "
-        f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
-    (RESULTS / "pipeline.md").write_text(f"# make bench\n\n{header}\n\n{text}\n")
-    print(f"\n{header}\n\n{text}\n\nwritten {RESULTS / 'pipeline.md'}")
+        summary = write(args, results)
+    print(summary)
 
 
 if __name__ == "__main__":
