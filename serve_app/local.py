@@ -285,22 +285,17 @@ def our_vllm_processes() -> list[int]:
     return processes_with(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}")
 
 
-def replica_processes(entry: str) -> list[int]:
-    """Serve replica processes that carry `entry` (KEY=VALUE) in their environment: with an inline engine
-    (engine.process), each runs a vLLM engine without a vLLM process of its own."""
+def our_replica_processes() -> list[int]:
+    """Serve replica processes started from this process tree: with an inline engine (engine.process), each runs a
+    vLLM engine without a vLLM process of its own."""
     found = []
-    for p in processes_with(entry, vllm_only=False):
+    for p in processes_with(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}", vllm_only=False):
         try:
             if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"ray::ServeReplica"):
                 found.append(p)
         except OSError:
             pass
     return found
-
-
-def our_replica_processes() -> list[int]:
-    """Serve replica processes started from this process tree."""
-    return replica_processes(f"TEXTCLF_OWNER={os.environ['TEXTCLF_OWNER']}")
 
 
 def wait_gone(find: Callable[[], Collection[int]], timeout: float) -> list[int]:
