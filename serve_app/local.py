@@ -20,6 +20,7 @@ with a random one, so `make serve` runs it through this module on METRICS_PORT:
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import sys
@@ -101,10 +102,39 @@ SERVE_ENV = serve_env(haproxy_dir=user_haproxy_dir())
 SCRIPT_EXTRA = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
+RAY_WORKER_PORTS_END = 19999  # Ray's max_worker_port: its workers bind 10002-19999
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for port-0 binds, which Ray's processes use as a cluster starts."""
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(all_interfaces: bool = False) -> int:
-    with socket.socket() as s:
-        s.bind(("" if all_interfaces else "127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, taken between Ray's worker ports and the ephemeral range: one from the ephemeral range,
+    closed here and bound by Serve seconds later, can meanwhile go to a process of the starting cluster (a
+    `Failed to bind` of Serve's proxy, seen about one start in twelve)."""
+    host = "" if all_interfaces else "127.0.0.1"
+    low, high = RAY_WORKER_PORTS_END + 1, ephemeral_ports()[0] - 1
+    candidates = random.sample(range(low, high + 1), min(200, high - low + 1)) if high > low else []
+    for port in [*candidates, 0]:  # 0: the kernel's choice, where the range below the ephemeral one is full
+        if port in _GIVEN:  # closed again but promised to a caller of this process
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _GIVEN.add(s.getsockname()[1])
+            return s.getsockname()[1]
+    raise OSError("no free port")
+
+
+_GIVEN: set[int] = set()
 
 
 def serve_details() -> dict[str, Any]:

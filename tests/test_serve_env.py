@@ -4,6 +4,7 @@ makes of it (in a subprocess: importing ray.serve here would fix its settings fo
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,18 @@ def test_local_serve_gets_its_own_haproxy_files_and_ports():
     ls = local.LocalServe(ingress="proxy")
     os.rmdir(ls.temp)
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in ls.env and ls.front_end() == "serve_proxy"
+
+
+def test_free_ports_stay_out_of_the_ranges_a_starting_cluster_takes():
+    """Ray's workers bind 10002-19999 and its other processes the kernel's ephemeral range while a cluster starts:
+    a port chosen there could be taken before Serve binds it. Ports given are distinct within the process."""
+    low, _ = local.ephemeral_ports()
+    ports = [local.free_port() for _ in range(50)] + [local.free_port(all_interfaces=True) for _ in range(10)]
+    assert len(set(ports)) == len(ports)
+    assert all(local.RAY_WORKER_PORTS_END < p < low for p in ports), ports
+    for p in ports[:5]:  # free indeed
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
 
 
 def test_ray_reads_it_as_haproxy_with_loopback_kept():
