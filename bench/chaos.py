@@ -14,6 +14,7 @@ open loop at `--rate` requests/s (bench.chaos_client: each request retried once)
   replica_killed_proxy   SIGKILL one ServeReplica actor process (proxy)
   replica_killed_direct  the same, the client spreading over the replicas' own ports (direct ingress)
   overload               `--overload`x the sustainable rate (a closed-loop measure first) for `--duration` s (proxy)
+  overload_direct        the same, the client spreading over the replicas' own ports (direct ingress)
 
 "Seconds until full service again": from the fault (the end of the overload) until both the replica count is back
 at its target with the faulted replica gone and no first attempt fails any more (the last failed first attempt's
@@ -126,6 +127,7 @@ SCENARIOS = {
         Scenario("replica_killed_proxy", "replica killed", "proxy", kill_replica),
         Scenario("replica_killed_direct", "replica killed", "direct", kill_replica),
         Scenario("overload", "overload", "proxy"),
+        Scenario("overload_direct", "overload", "direct"),
     )
 }
 
@@ -427,8 +429,9 @@ def table(rows: list[dict]) -> str:
 def overload_table(row: dict) -> str:
     o = row["overload"]
     lines = [
-        f"Overload: {o['rate']:.0f} req/s offered for {o['seconds']:.0f} s ({o['rate'] / o['sustainable_rate']:.1f}x "
-        f"the sustainable {o['sustainable_rate']:.0f} req/s); latency of each attempt sent meanwhile:",
+        f"Overload ({row['ingress']}): {o['rate']:.0f} req/s offered for {o['seconds']:.0f} s "
+        f"({o['rate'] / o['sustainable_rate']:.1f}x the sustainable {o['sustainable_rate']:.0f} req/s); "
+        "latency of each attempt sent meanwhile:",
         "",
         "| answers | n | p50 ms | p99 ms | max ms |",
         "|---|---|---|---|---|",
@@ -458,8 +461,11 @@ def goals(rows: list[dict]) -> list[str]:
                 f"engine_stopped: full service after {fmt(r['recovery_s'])} s (goal <= 60 s + the new replica's "
                 f"start-up {fmt(start)} s = {bound:.0f} s)"
             )
-        if r["scenario"] == "overload":
-            out.append(f"overload: refusals p99 {fmt(r['overload']['refused']['p99_ms'])} ms (goal <= 100 ms)")
+        if "overload" in r:
+            out.append(
+                f"{r['scenario']}: refusals p99 {fmt(r['overload']['refused']['p99_ms'])} ms (goal <= 100 ms), "
+                f"error answers not in the API's JSON {r.get('not_json', 0)} (goal 0)"
+            )
     return out
 
 

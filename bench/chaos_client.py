@@ -30,6 +30,7 @@ class Attempt:
     error: str = ""  # the exception's name when there was no answer
     retry_after: Optional[float] = None  # the answer's Retry-After, seconds
     url: str = ""
+    json_body: bool = True  # an error answer in the API's JSON (False: e.g. Serve's or HAProxy's plain text)
 
     @property
     def kind(self) -> str:
@@ -106,14 +107,15 @@ class RetryingClient:
     async def attempt(self, body: bytes, avoid: str = "") -> Attempt:
         url = self.pick(avoid)
         sent = time.perf_counter()
-        status, error, after = None, "", None
+        status, error, after, as_json = None, "", None, True
         try:
             async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
                 await r.read()
                 status, after = r.status, retry_after(r.headers.get("Retry-After"))
+                as_json = r.headers.get("Content-Type", "").startswith("application/json")
         except Exception as exc:  # refused, reset, timed out: no answer, whatever the kind
             error = type(exc).__name__
-        return Attempt(sent - self.t0, time.perf_counter() - sent, status, error, after, url)
+        return Attempt(sent - self.t0, time.perf_counter() - sent, status, error, after, url, as_json)
 
     async def request(self, i: int) -> Request:
         body = self.bodies[i % len(self.bodies)]
@@ -157,6 +159,9 @@ def tally(requests: Sequence[Request]) -> dict[str, Any]:
         "retried": sum(len(r.attempts) > 1 for r in requests),
         "first_failures": dict(Counter(name(r.first) for r in requests if r.first.kind != "ok")),
         "final_failures": dict(Counter(name(r.final) for r in requests if r.final.kind != "ok")),
+        "not_json": sum(
+            a.status is not None and a.status >= 400 and not a.json_body for r in requests for a in r.attempts
+        ),
     }
 
 

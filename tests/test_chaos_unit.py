@@ -108,8 +108,29 @@ def test_no_answer_twice_is_lost():
         "retried": 2,
         "first_failures": None,
         "final_failures": None,
+        "not_json": 0,
     }
     assert tally(reqs)["final_failures"] == {"ClientConnectorError": 2}
+
+
+def test_an_error_answer_outside_the_apis_json_is_counted():
+    async def go():
+        async def plain(request):  # as Serve's own backpressure answer: text, not the API's JSON
+            return web.Response(text="Request dropped due to backpressure", status=503, headers={"Retry-After": "0"})
+
+        runner, url = await classify_stub(plain)
+        try:
+            async with aiohttp.ClientSession() as session:
+                client = RetryingClient(session, lambda: [url], "/classify", [b"{}"])
+                return await client.request(0)
+        finally:
+            await runner.cleanup()
+
+    req = asyncio.run(go())
+    assert [a.status for a in req.attempts] == [503, 503] and not any(a.json_body for a in req.attempts)
+    assert tally([req])["not_json"] == 2
+    (ok,), _ = _run(lambda live, dead: live, [[503, 200]], retry_cap=0.01)
+    assert tally([ok])["not_json"] == 0  # the stub's 503 is JSON
 
 
 def test_open_loop_paces_and_stops():
@@ -222,7 +243,8 @@ def test_report_tables_and_goals():
     g = "\n".join(chaos.goals(rows))
     assert "engine_stopped: full service after 42.0 s (goal <= 60 s + the new replica's start-up 30.0 s = 90 s)" in g
     assert "engine still running after recovery: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
-    assert "overload: refusals p99 120.0 ms (goal <= 100 ms)" in g and "engine_killed" not in g
+    assert "overload: refusals p99 120.0 ms (goal <= 100 ms), error answers not in the API's JSON 0 (goal 0)" in g
+    assert "engine_killed" not in g
 
 
 def test_scenario_names_are_checked():
