@@ -86,14 +86,19 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body over the limit of {limit} bytes")
 
 
+CLASSIFY_PATHS = frozenset({"/classify", "/classify/batch"})
+
+
 class HttpEdge:
-    """Request counts and latency (AppMetrics), and the body limit: bodies over max_body_bytes get 413, by
+    """Request counts and latency (AppMetrics); the overload refusal of a classify request while the replica is at
+    its limit, before its body is read or routed (under overload refusals are most of the work, and on a replica's
+    own port nothing in front sheds them); and the body limit: bodies over max_body_bytes get 413, by
     Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
     (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
     hundreds of requests per second."""
 
-    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int, metrics: AppMetrics):
-        self.app, self.limit, self.metrics = app, max_body_bytes, metrics
+    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int, metrics: AppMetrics, admit: Any):
+        self.app, self.limit, self.metrics, self.admit = app, max_body_bytes, metrics, admit
         # built at the first request, when every route is registered; other paths count as "other"
         self.endpoints = frozenset(getattr(r, "path", "") for r in routes) - {""}
 
@@ -111,6 +116,10 @@ class HttpEdge:
             await send(msg)
 
         try:
+            if scope["path"] in CLASSIFY_PATHS and scope["method"] == "POST":
+                refusal = self.admit()
+                if refusal is not None:
+                    return await refusal(scope, receive, send_status)
             limit = self.limit
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
@@ -165,7 +174,16 @@ def create_api(classifiers: Classifiers, metrics: AppMetrics) -> FastAPI:
         description="Text classification with a fine-tuned LLM (vLLM engine): the answer is always one of the "
         "classifier's labels (or null below the abstain threshold), with its probability.",
     )
-    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes, metrics=metrics)
+
+    def admit() -> Optional[ErrorResponse]:
+        """None while the replica can take a text more; else the overload refusal the core would give."""
+        try:
+            classifiers.admit(1)
+        except ServingError as exc:
+            return ErrorResponse(exc.status, exc.message, exc.detail, retry_after_s=cfg.retry_after_s)
+        return None
+
+    api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes, metrics=metrics, admit=admit)
     add_error_handlers(api, cfg.retry_after_s)
 
     @api.post(

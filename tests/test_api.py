@@ -150,11 +150,13 @@ def test_admission_counts_texts_and_refuses_beyond_the_limit(tokenizer):
             while clf.inflight < 5:
                 await asyncio.sleep(0.01)
             full = await c.post("/classify", json={"text": "h"})
+            # at the limit a classify request is refused before its body is read or checked
+            unread = await c.post("/classify/batch", content=b"{not json")
             engine.gate.set()
-            return over, full, await held, await one
+            return over, full, unread, await held, await one
 
-    over, full, held, one = asyncio.run(go())
-    for r in (over, full):
+    over, full, unread, held, one = asyncio.run(go())
+    for r in (over, full, unread):
         body = error_of(r, 503)
         assert r.headers["retry-after"] == "2" and body["detail"]["max_inflight_texts"] == 5
     assert held.status_code == 200 and len(held.json()) == 4 and one.status_code == 200

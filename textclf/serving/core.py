@@ -140,7 +140,7 @@ class Classifiers:
         r["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return r
 
-    def _admit(self, n: int) -> None:
+    def admit(self, n: int) -> None:
         """Refuse at once what the engine could not start soon, counted in texts: a batch weighs what it carries."""
         limit = self.cfg.inflight_limit
         if self.inflight + n > limit:
@@ -161,7 +161,7 @@ class Classifiers:
         threshold = self.threshold(c, abstain_threshold)
         if self.engine.errored:
             raise EngineUnavailable("the engine is not running")
-        self._admit(len(texts))
+        self.admit(len(texts))
         self.inflight += len(texts)
         try:
             return list(await asyncio.gather(*(self._one(c, t, threshold, details) for t in texts)))
