@@ -5,8 +5,7 @@ own: engine.process) and serves the FastAPI app of serve_app/api.py.
     serve deploy serve_app/config.yaml       # on a running cluster
 
 `build_app(args)` is the application builder named in the YAML; `args` is a `textclf.serving.ServeConfig`.
-Autoscaling and replica resources live in the YAML's `deployments:` section; max_ongoing_requests follows the app's
-own limit (ServeConfig.replica_max_ongoing) unless the YAML sets it.
+Autoscaling, max_ongoing_requests and replica resources live in the YAML's `deployments:` section.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 @serve.deployment(
     name=DEPLOYMENT,
+    max_ongoing_requests=64,
     ray_actor_options={"num_cpus": 1},
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
@@ -61,14 +61,6 @@ class ClassifierServer:
             self.classifiers.names,
             mask,
         )
-        ongoing = getattr(getattr(serve.get_replica_context(), "_deployment_config", None), "max_ongoing_requests", 0)
-        if ongoing and ongoing <= self.cfg.inflight_limit:
-            log.warning(
-                "textclf: max_ongoing_requests %s is not above max_inflight_texts %s: Serve, not the app, refuses "
-                "an overload, with a plain-text 503 on the replica's port (leave it out of the YAML)",
-                ongoing,
-                self.cfg.inflight_limit,
-            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers, self.metrics)
@@ -89,8 +81,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     `serve run` at once; the run folder (args.run, else $TEXTCLF_RUN, else the latest run) is fixed here too."""
     cfg = ServeConfig.model_validate(args or {})
     cfg = pin_model(cfg, resolve_plan(cfg))  # raises on missing folders, mismatched base models
-    # the YAML's deployment options, applied by Serve after these, win
-    return ClassifierServer.options(max_ongoing_requests=cfg.replica_max_ongoing).bind(cfg.model_dump())
+    return ClassifierServer.bind(cfg.model_dump())
 
 
 def app_from_config(
@@ -102,7 +93,7 @@ def app_from_config(
     args = {**(app.get("args") or {}), **arg_overrides}
     cfg = ServeConfig.model_validate(args)
     cfg = pin_model(cfg, resolve_plan(cfg))
-    yaml_opts = next((dict(d) for d in app.get("deployments", []) if d.get("name") == DEPLOYMENT), {})
-    yaml_opts.pop("name", None)
-    opts = {"max_ongoing_requests": cfg.replica_max_ongoing, **yaml_opts, **(deployment_overrides or {})}
+    opts = next((dict(d) for d in app.get("deployments", []) if d.get("name") == DEPLOYMENT), {})
+    opts.pop("name", None)
+    opts.update(deployment_overrides or {})
     return ClassifierServer.options(**opts).bind(cfg.model_dump())

@@ -6,8 +6,8 @@ serve_env points RAY_SERVE_HAPROXY_BINARY_PATH at this wrapper (the `textclf-hap
 runs it as `haproxy -db -f CONFIG ...` at start and at each reload; it rewrites CONFIG into CONFIG.shed and runs
 Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ray's template has changed shape):
 
-- each replica gets at most TEXTCLF_REPLICA_MAXCONN requests at once (default 64, the engine's max_num_seqs of
-  config.yaml); more wait in HAProxy's queue;
+- each replica gets at most TEXTCLF_REPLICA_MAXCONN requests at once (default 64, config.yaml's
+  max_ongoing_requests); more wait in HAProxy's queue;
 - a request that finds TEXTCLF_HAPROXY_MAX_QUEUE requests (default 32) already waiting for an app's replicas is
   answered by HAProxy at once: 503, Retry-After TEXTCLF_RETRY_AFTER_S (default 1), the API's JSON error body;
 - a replica answering 5xx (a dead or stalled engine answers 503 at once, and leastconn would send it ever more

@@ -30,12 +30,15 @@ from typing import Any, Callable, Collection, Optional
 
 from serve_app.haproxy_shed import installed_script
 
+# Serve's own error answers (backpressure 503, 408, 500) in the API's JSON body, on its proxies and replica ports
+SERVE_ERRORS_ENV = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "serve_app.serve_errors:middlewares"}
 # What every node needs, on one machine and on a cluster (README, "Serving performance").
 BASE_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # direct ingress, gRPC between deployments, no per-request stderr logs
     "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "8001",  # replica 1 on 127.0.0.1:8001, replica 2 on 8002, ...
     "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "8099",
     "RAY_worker_niceness": "0",  # Ray starts workers at nice 15: replicas then lose the CPU to anything else
+    **SERVE_ERRORS_ENV,
 }
 # The metrics export port of `make serve`'s local Ray: outside direct ingress's 8001-8099 and Prometheus's own 9090.
 METRICS_PORT = 8100
@@ -246,7 +249,10 @@ class LocalServe:
             log_to_driver=False,
             _node_ip_address="127.0.0.1",
             _metrics_export_port=self.metrics_port,
-            runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}},
+            # SERVE_ERRORS_ENV even without the serving environment (the tests' Python proxy)
+            runtime_env={
+                "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1", **SERVE_ERRORS_ENV}
+            },
         )
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         return self

@@ -166,8 +166,6 @@ def test_admission_counts_texts_and_refuses_beyond_the_limit(tokenizer):
 def test_inflight_limit_defaults_and_checks():
     assert ServeConfig().inflight_limit == 4 * ServeConfig().engine.max_num_seqs
     assert ServeConfig(max_inflight_texts=100).inflight_limit == 100
-    # Serve admits more than the app does, so an overload is the app's JSON 503, not Serve's plain-text one
-    assert ServeConfig(max_inflight_texts=100).replica_max_ongoing == 200
     with pytest.raises(ValueError, match="max_batch"):
         ServeConfig(max_inflight_texts=10, max_batch=64)
 

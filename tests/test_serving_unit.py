@@ -218,8 +218,7 @@ def test_yaml_config_is_valid():
     assert app["import_path"] == "serve_app.app:build_app"
     ServeConfig.model_validate(app["args"])
     (dep,) = app["deployments"]
-    # Serve's per-replica limit follows the app's own (ServeConfig.replica_max_ongoing), so the app refuses first
-    assert dep["name"] == DEPLOYMENT and "max_ongoing_requests" not in dep
+    assert dep["name"] == DEPLOYMENT and dep["max_ongoing_requests"] >= 1
     auto = dep["autoscaling_config"]
     assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
 

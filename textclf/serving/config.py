@@ -71,13 +71,6 @@ class ServeConfig(BaseModel):
     def inflight_limit(self) -> int:
         return self.max_inflight_texts or 4 * self.engine.max_num_seqs
 
-    @property
-    def replica_max_ongoing(self) -> int:
-        """Serve's max_ongoing_requests for a replica when the YAML sets none: twice the app's own limit, so that the
-        app refuses an overload (503, the API's JSON body) before Serve queues or refuses it (a plain-text 503 on a
-        replica's direct-ingress port), with room for the refusals being answered."""
-        return 2 * self.inflight_limit
-
     @model_validator(mode="after")
     def _a_full_batch_fits(self) -> "ServeConfig":
         if self.inflight_limit < self.max_batch:
