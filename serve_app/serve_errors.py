@@ -39,9 +39,9 @@ class JsonServeErrors:
         body = bytearray()
 
         async def rewrite(msg: Message) -> None:
-            if msg["type"] == "http.response.start":
+            if msg["type"] == "http.response.start" and msg["status"] >= 400:
                 headers = dict(msg.get("headers") or [])
-                if msg["status"] >= 400 and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                if not headers.get(b"content-type", b"").startswith(b"application/json"):
                     start.update(msg)  # held until the whole text is in
                     return
             elif msg["type"] == "http.response.body" and start:
