@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -87,17 +87,20 @@ class BodyTooLarge(StarletteHTTPException):
 
 
 CLASSIFY_PATHS = frozenset({"/classify", "/classify/batch"})
+Admit = Callable[[], Optional[ErrorResponse]]  # None: admitted; else the refusal to answer
 
 
 class HttpEdge:
     """Request counts and latency (AppMetrics); the overload refusal of a classify request while the replica is at
-    its limit, before its body is read or routed (under overload refusals are most of the work, and on a replica's
-    own port nothing in front sheds them); and the body limit: bodies over max_body_bytes get 413, by
+    its text limit (max_inflight_texts), before its body is read or routed, so that a refusal costs little; and the
+    body limit: bodies over max_body_bytes get 413, by
     Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
     (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
     hundreds of requests per second."""
 
-    def __init__(self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int, metrics: AppMetrics, admit: Any):
+    def __init__(
+        self, app: ASGIApp, routes: Iterable[BaseRoute], max_body_bytes: int, metrics: AppMetrics, admit: Admit
+    ):
         self.app, self.limit, self.metrics, self.admit = app, max_body_bytes, metrics, admit
         # built at the first request, when every route is registered; other paths count as "other"
         self.endpoints = frozenset(getattr(r, "path", "") for r in routes) - {""}

@@ -106,6 +106,7 @@ SCRIPT_EXTRA = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
 RAY_WORKER_PORTS_END = 19999  # Ray's max_worker_port: its workers bind 10002-19999
+_GIVEN: set[int] = set()  # ports free_port handed out in this process
 
 
 def ephemeral_ports() -> tuple[int, int]:
@@ -135,9 +136,6 @@ def free_port(all_interfaces: bool = False) -> int:
             _GIVEN.add(s.getsockname()[1])
             return s.getsockname()[1]
     raise OSError("no free port")
-
-
-_GIVEN: set[int] = set()
 
 
 def serve_details() -> dict[str, Any]:
