@@ -4,7 +4,6 @@ and without Ray in the unit tests. Its metrics go to Ray's metrics system (serve
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable, Iterable, Optional, Union
@@ -34,6 +33,7 @@ from textclf.serving import (
     read_json,
     validate,
 )
+from textclf.serving.errors import encode_json
 
 log = logging.getLogger("ray.serve")
 ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
@@ -65,8 +65,12 @@ class ErrorResponse(JSONResponse):
         body = error_body(status, message, param_of(detail), detail)
         super().__init__(body, status_code=status, headers=headers or None)
 
+    @classmethod
+    def of(cls, exc: ServingError, retry_after_s: int) -> "ErrorResponse":
+        return cls(exc.status, exc.message, exc.detail, retry_after_s=retry_after_s)
+
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+        return encode_json(content)
 
 
 def request_body(*models: type) -> dict[str, Any]:
@@ -159,7 +163,7 @@ def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
 
     @api.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError) -> JSONResponse:
-        return ErrorResponse(exc.status, exc.message, exc.detail, retry_after_s=retry_after_s)
+        return ErrorResponse.of(exc, retry_after_s)
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -183,7 +187,7 @@ def create_api(classifiers: Classifiers, metrics: AppMetrics) -> FastAPI:
         try:
             classifiers.admit(1)
         except ServingError as exc:
-            return ErrorResponse(exc.status, exc.message, exc.detail, retry_after_s=cfg.retry_after_s)
+            return ErrorResponse.of(exc, cfg.retry_after_s)
         return None
 
     api.add_middleware(HttpEdge, routes=api.routes, max_body_bytes=cfg.max_body_bytes, metrics=metrics, admit=admit)

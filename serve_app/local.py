@@ -133,8 +133,9 @@ def free_port(all_interfaces: bool = False) -> int:
                 s.bind((host, port))
             except OSError:
                 continue
-            _GIVEN.add(s.getsockname()[1])
-            return s.getsockname()[1]
+            given = s.getsockname()[1]
+        _GIVEN.add(given)
+        return given
     raise OSError("no free port")
 
 

@@ -15,14 +15,13 @@ Light imports only: Serve calls this as each proxy and replica starts its server
 
 from __future__ import annotations
 
-import json
 from http import HTTPStatus
 from typing import Any
 
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from textclf.serving.errors import error_body
+from textclf.serving.errors import encode_json, error_body
 
 
 class JsonServeErrors:
@@ -57,7 +56,7 @@ class JsonServeErrors:
 async def send_json(start: dict[str, Any], text: bytes, send: Send) -> None:
     status = start["status"]
     message = text.decode("utf-8", "replace").strip() or HTTPStatus(status).phrase
-    payload = json.dumps(error_body(status, message), ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    payload = encode_json(error_body(status, message))
     dropped = (b"content-type", b"content-length", b"transfer-encoding")
     headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() not in dropped]
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 from typing import Any
 
@@ -13,6 +14,12 @@ def error_type(status: int) -> str:
     except ValueError:
         return "Error"
     return name if name.endswith("Error") else name + "Error"
+
+
+def encode_json(content: Any) -> bytes:
+    """An answer's JSON as ASCII bytes: a name echoed from a request may hold a lone surrogate, which UTF-8 cannot
+    encode."""
+    return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def error_body(status: int, message: str, param: Any = None, detail: Any = None) -> dict[str, Any]:
