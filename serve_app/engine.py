@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from textclf.inference import engine_in_one_process, engine_kwargs, engine_output
+from textclf.inference import engine_in_one_process, engine_kwargs, engine_output, no_compile_on_cpu
 from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
 
 
@@ -16,6 +16,7 @@ def engine_setup(plan: ServingPlan, cfg: ServeConfig) -> tuple[dict[str, Any], d
     from vllm.lora.request import LoRARequest
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+    no_compile_on_cpu()  # before the engine starts, in this process or its own
     kw = engine_kwargs(
         plan.engine_model,
         plan.max_model_len,

@@ -177,6 +177,19 @@ def engine_in_one_process() -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
+def no_compile_on_cpu() -> None:
+    """On CPU the engine runs eager (engine_kwargs), yet vLLM still torch.compiles small helpers on first use (the
+    sampler's logprob ranks): inductor builds C++ during the first request, seconds of the engine's start
+    (bench/results/engine-start.md). TORCH_COMPILE_DISABLE runs them as plain torch, same answers; it reaches the
+    engine processes that vLLM starts, and this process, whose torch has read it already. Set by the user, it wins."""
+    if on_gpu():
+        return
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    import torch._dynamo.config
+
+    torch._dynamo.config.disable = os.environ["TORCH_COMPILE_DISABLE"] == "1"
+
+
 def cores_of(mask: Optional[str]) -> set[int]:
     """The cores a VLLM_CPU_OMP_THREADS_BIND list names ("0", "0,2", "0-3", "0-1|2-3"); empty for auto/nobind/all."""
     cores: set[int] = set()
@@ -241,6 +254,7 @@ class BatchClassifier:
             kind.check_servable({"kind": "adapter"}, adapter_dir)
         bind_engine_threads(cpu_threads_bind)
         engine_in_one_process()
+        no_compile_on_cpu()
         self.fmt = PromptFormat.from_dict(meta["prompt"])
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
         self.scorer = kind.scorer(self.fmt, self.tokenizer)
