@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional
 
 from bench.chaos_client import RetryingClient, last_failure, latencies, open_loop, tally
 from bench.loadtest import RESULTS, measure, test_texts, textclf_target
-from bench.serve_compare import classifier_folder, serve_args
+from bench.serve_compare import SERVE_ARG_HELP, classifier_folder, serve_args_from
 
 APP = "textclf"
 
@@ -376,9 +376,9 @@ def run_scenario(sc: Scenario, cluster: Any, folder: str, args: dict, texts: lis
     print(f"    app up in {up:.0f} s", flush=True)
     plan = Plan(a.rate, a.fault_at, a.settle, a.max_recovery)
     if sc.fault is None:
-        one_x = sustainable_rate(cluster.proxy_url, texts, a.calibrate)
+        one_x = a.sustainable or sustainable_rate(cluster.proxy_url, texts, a.calibrate)
         plan.overload_rate, plan.overload_s = a.overload * one_x, a.duration
-        print(f"    sustainable {one_x:.0f} req/s", flush=True)
+        print(f"    sustainable {one_x:.0f} req/s{' (given)' if a.sustainable else ''}", flush=True)
     bodies = [json.dumps({"text": t}).encode() for t in texts]
     try:
         row = Run(sc, plan, cluster, a.replicas, bodies, a).execute()
@@ -480,7 +480,9 @@ def report(rows: list[dict], a, folder: str, wall: float) -> str:
     head = (
         f"# Chaos: {a.model}\n\n{a.replicas} replicas, steady load {a.rate:.0f} req/s (open loop, one retry per "
         f"request; the client at nice {a.client_nice}), fault at {a.fault_at:.0f} s; a fresh app per scenario. "
-        f"Whole run {wall / 60:.1f} min. Front end: {a.front_end}.\n"
+        f"Whole run {wall / 60:.1f} min. Front end: {a.front_end}."
+        + (f" serve_app/config.yaml args overridden: {' '.join(a.serve_arg)}." if a.serve_arg else "")
+        + "\n"
     )
     parts = [head, table(rows)]
     parts += [overload_table(r) for r in rows if "overload" in r]
@@ -505,9 +507,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--overload", type=float, default=3.0, help="the overload, times the sustainable rate")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of overload")
     ap.add_argument("--calibrate", type=float, default=10.0, help="seconds measuring the sustainable rate")
+    ap.add_argument(
+        "--sustainable",
+        type=float,
+        default=None,
+        help="req/s taken as the sustainable rate, not measured: settings compared at the same offered load",
+    )
     ap.add_argument("--timeout", type=float, default=30.0, help="the client's per-attempt timeout, seconds")
     ap.add_argument("--retry-cap", type=float, default=2.0, help="longest Retry-After the client honours, seconds")
     ap.add_argument("--tag", default="", help="suffix of the result names")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="KEY=JSON", help=SERVE_ARG_HELP)
     a = ap.parse_args(argv)
     unknown = set(a.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -521,7 +530,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from serve_app.local import LocalServe, free_port
 
-    folder, args, texts = classifier_folder(a.model), {**serve_args({}), "run": None}, test_texts()
+    folder, args, texts = classifier_folder(a.model), {**serve_args_from(a.serve_arg), "run": None}, test_texts()
     t0, rows = time.time(), []
     di = free_port()
     with LocalServe(di_ports=(di, di + 40)) as cluster:

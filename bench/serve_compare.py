@@ -67,6 +67,14 @@ def serve_args(overrides: dict[str, Any]) -> dict[str, Any]:
     return {**(conf["applications"][0].get("args") or {}), **overrides}
 
 
+SERVE_ARG_HELP = "override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'"
+
+
+def serve_args_from(pairs: list[str]) -> dict[str, Any]:
+    """serve_args with the KEY=JSON overrides of --serve-arg."""
+    return serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in pairs)})
+
+
 def engine_plan(folder: str, args: dict[str, Any]):
     """(the Serve app's configuration for this classifier, the engine plan it resolves to)"""
     from textclf.serving import ServeConfig, resolve_plan
@@ -160,7 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="override a serve_app/config.yaml arg, e.g. engine='{\"max_num_seqs\": 128}'",
+        help=SERVE_ARG_HELP,
     )
     ap.add_argument("--deployment", default="{}", help="JSON overrides of the deployment options")
     ap.add_argument(
@@ -182,7 +190,7 @@ class Bench:
         self.path = result_path(a.model, a.tag)
         self.out_dir = self.path.with_suffix("")
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.args = serve_args({k: json.loads(v) for k, v in (s.split("=", 1) for s in a.serve_arg)})
+        self.args = serve_args_from(a.serve_arg)
         self.deployment = {
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16},
             **json.loads(a.deployment),
