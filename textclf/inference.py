@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -234,7 +235,10 @@ def engine_output(runner: str, request_output) -> Any:
 class BatchClassifier:
     """A vLLM engine that classifies batches of texts with the classifier's kind (its runner, tokens and scoring);
     the Ray Data evaluation maps it over the validation and test splits. Input columns other than text and label (row
-    tags) come back unchanged."""
+    tags) come back unchanged.
+
+    On CPU one thread of its own builds the engine and runs every batch: vLLM's CPU worker binds the OpenMP threads
+    of the thread that builds it, and Ray Data calls a class's __call__ from another thread than its constructor."""
 
     def __init__(
         self,
@@ -244,6 +248,20 @@ class BatchClassifier:
         adapter_dir: Optional[str] = None,
         cpu_threads_bind: Optional[str] = "all",
     ):
+        self._engine_thread = None if on_gpu() else ThreadPoolExecutor(1, thread_name_prefix="textclf-engine")
+        self._on_engine_thread(self._build, model_dir, meta, engine, adapter_dir, cpu_threads_bind)
+
+    def _on_engine_thread(self, fn, *args):
+        return fn(*args) if self._engine_thread is None else self._engine_thread.submit(fn, *args).result()
+
+    def _build(
+        self,
+        model_dir: str,
+        meta: dict[str, Any],
+        engine: EngineSettings,
+        adapter_dir: Optional[str],
+        cpu_threads_bind: Optional[str],
+    ) -> None:
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -276,6 +294,9 @@ class BatchClassifier:
             self.lora = LoRARequest("classifier", 1, adapter_dir)
 
     def classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
+        return self._on_engine_thread(self._classify, texts)
+
+    def _classify(self, texts: Sequence[str]) -> list[dict[str, Any]]:
         encoded = [self.scorer.encode(t) for t in texts]
         per_text = len(self.scorer.params)  # engine requests per text (Scorer.params)
         prompts = [{"prompt_token_ids": e.input_ids} for e in encoded for _ in range(per_text)]
