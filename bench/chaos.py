@@ -6,7 +6,8 @@
 Each scenario gets a fresh application (serve_app/config.yaml, `--replicas` fixed replicas, default 2) in one local
 Ray + Serve with the serving environment (serve_app.local: direct ingress), so no row inherits another's damage;
 the app is deleted after each, and the vLLM processes still running then are counted and removed. The load is an
-open loop at `--rate` requests/s (bench.chaos_client: each request retried once). Scenarios:
+open loop at `--rate` requests/s (bench.chaos_client: each request retried once; it reports its own event loop's
+delay beside the overload's latencies, and which part refused by each error answer's message). Scenarios:
 
   engine_killed          SIGKILL the process that runs one replica's engine (through the Serve proxy): its EngineCore,
                          or the replica itself with engine.process inline
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bench.chaos_client import RetryingClient, last_failure, latencies, open_loop, tally
+from bench.chaos_client import LoopLag, RetryingClient, last_failure, latencies, open_loop, percentiles_ms, tally
 from bench.loadtest import RESULTS, measure, test_texts, textclf_target
 from bench.serve_compare import SERVE_ARG_HELP, classifier_folder, serve_args_from
 
@@ -75,6 +76,15 @@ def raise_priority(nice: int = -10) -> int:
     except OSError:
         pass
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def event_loop_runner(name: str) -> Callable[[Any], Any]:
+    """asyncio.run on the named event loop: "uvloop" (libuv's, the faster client where installed) or "asyncio"."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
 
 
 def alive(pids: list[int]) -> list[int]:
@@ -222,6 +232,7 @@ class Run:
         self.victim: Optional[dict] = None
         self.gave_up = False
         self._checked = (float("-inf"), False)  # (t, verdict): the stop test runs per request, the check twice a second
+        self.lag = LoopLag()
 
     def urls(self, watch: ReplicaWatch) -> Callable[[], list[str]]:
         proxy = [self.cluster.proxy_url]
@@ -279,8 +290,10 @@ class Run:
             client = RetryingClient(session, self.urls(watch), "/classify", self.bodies, self.a.retry_cap)
             injector = asyncio.ensure_future(self.inject(watch, client.t0))
             shower = asyncio.ensure_future(self.progress(watch, client))
+            lagger = asyncio.ensure_future(self.lag.run(client.t0))
             requests = await open_loop(client, self.plan.rate_at, lambda t: self.done(watch, client, t))
             shower.cancel()
+            lagger.cancel()
             await injector
             return requests, time.perf_counter() - client.t0
 
@@ -292,7 +305,7 @@ class Run:
         try:
             while not watch.samples:
                 time.sleep(0.2)
-            requests, wall = asyncio.run(self.drive(watch))
+            requests, wall = event_loop_runner(self.a.loop)(self.drive(watch))
         finally:
             watch.halt.set()
             watch.join()
@@ -325,6 +338,7 @@ class Run:
                 "rate": p.overload_rate,
                 "seconds": p.overload_s,
                 **latencies(requests, p.fault_at, p.fault_end),
+                "client_loop_lag": self.lag.summary(p.fault_at, p.fault_end),
             }
         if self.fault:  # the faulted replica's engines still running once service is back (before the app's deletion)
             out["victim_engines_alive_at_end"] = alive(self.fault["engines"])
@@ -436,8 +450,12 @@ def overload_table(row: dict) -> str:
         "| answers | n | p50 ms | p99 ms | max ms |",
         "|---|---|---|---|---|",
     ]
-    for k, name in (("refused", "refused (429/503)"), ("accepted", "accepted (2xx)")):
-        s = o[k]
+    rows = [("refused (429/503)", o["refused"])]
+    rows += [(f'refused, saying "{reason}"', s) for reason, s in (o.get("refused_by") or {}).items()]
+    rows += [("accepted (2xx)", o["accepted"])]
+    lag = o.get("client_loop_lag") or percentiles_ms([])
+    rows += [("the client's own delay: its event loop waking a 10 ms sleep late", lag)]
+    for name, s in rows:
         lines.append(f"| {name} | {s['n']} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} | {fmt(s['max_ms'])} |")
     return "\n".join(lines)
 
@@ -479,8 +497,8 @@ def front_end_name(env: dict[str, str]) -> str:
 def report(rows: list[dict], a, folder: str, wall: float) -> str:
     head = (
         f"# Chaos: {a.model}\n\n{a.replicas} replicas, steady load {a.rate:.0f} req/s (open loop, one retry per "
-        f"request; the client at nice {a.client_nice}), fault at {a.fault_at:.0f} s; a fresh app per scenario. "
-        f"Whole run {wall / 60:.1f} min. Front end: {a.front_end}."
+        f"request; the client at nice {a.client_nice}, on {a.loop}'s event loop), fault at {a.fault_at:.0f} s; "
+        f"a fresh app per scenario. Whole run {wall / 60:.1f} min. Front end: {a.front_end}."
         + (f" serve_app/config.yaml args overridden: {' '.join(a.serve_arg)}." if a.serve_arg else "")
         + "\n"
     )
@@ -515,6 +533,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--timeout", type=float, default=30.0, help="the client's per-attempt timeout, seconds")
     ap.add_argument("--retry-cap", type=float, default=2.0, help="longest Retry-After the client honours, seconds")
+    ap.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the client's event loop: on the service's own cores a slow client delays every answer it measures",
+    )
     ap.add_argument("--tag", default="", help="suffix of the result names")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="KEY=JSON", help=SERVE_ARG_HELP)
     a = ap.parse_args(argv)

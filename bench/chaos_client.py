@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Attempt:
     retry_after: Optional[float] = None  # the answer's Retry-After, seconds
     url: str = ""
     json_body: bool = True  # an error answer in the API's JSON (False: e.g. Serve's or HAProxy's plain text)
+    reason: str = ""  # an error answer's message (its start): which part refused
 
     @property
     def kind(self) -> str:
@@ -79,6 +81,16 @@ def retry_delay(a: Attempt, cap: float) -> float:
     return min(a.retry_after or 0.0, cap) if a.status is not None else 0.0
 
 
+def error_reason(answer: bytes, length: int = 48) -> str:
+    """The start of an error answer's message ({"error": {"message"}}, else its text): the refusals of HAProxy, Serve
+    and the app say different things."""
+    try:
+        text = str(json.loads(answer)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = answer.decode(errors="replace")
+    return " ".join(text.split())[:length]
+
+
 class RetryingClient:
     """POSTs bodies to `path` on the URLs `urls()` gives at the time (round robin), one retry per request."""
 
@@ -107,15 +119,16 @@ class RetryingClient:
     async def attempt(self, body: bytes, avoid: str = "") -> Attempt:
         url = self.pick(avoid)
         sent = time.perf_counter()
-        status, error, after, as_json = None, "", None, True
+        status, error, after, as_json, reason = None, "", None, True, ""
         try:
             async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
-                await r.read()
+                answer = await r.read()
                 status, after = r.status, retry_after(r.headers.get("Retry-After"))
                 as_json = r.headers.get("Content-Type", "").startswith("application/json")
+                reason = error_reason(answer) if status >= 400 else ""
         except Exception as exc:  # refused, reset, timed out: no answer, whatever the kind
             error = type(exc).__name__
-        return Attempt(sent - self.t0, time.perf_counter() - sent, status, error, after, url, as_json)
+        return Attempt(sent - self.t0, time.perf_counter() - sent, status, error, after, url, as_json, reason)
 
     async def request(self, i: int) -> Request:
         body = self.bodies[i % len(self.bodies)]
@@ -143,6 +156,24 @@ async def open_loop(client: RetryingClient, rate_at: Callable[[float], float], s
     return list(await asyncio.gather(*tasks))
 
 
+class LoopLag:
+    """How late the client's event loop wakes a task that sleeps `every` s: a delay the client adds to every latency
+    it measures (a busy loop reads an answer late), so an overload's latencies can be told from the client's own."""
+
+    def __init__(self, every: float = 0.01):
+        self.every = every
+        self.samples: list[tuple[float, float]] = []  # (seconds since t0, lag in seconds)
+
+    async def run(self, t0: float) -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(self.every)
+            self.samples.append((t - t0, time.perf_counter() - t - self.every))
+
+    def summary(self, since: float = float("-inf"), until: float = float("inf")) -> dict[str, Optional[float]]:
+        return percentiles_ms([lag for t, lag in self.samples if since <= t < until])
+
+
 def tally(requests: Sequence[Request]) -> dict[str, Any]:
     """sent, ok/refused/lost (final outcome), first-attempt failures, and the statuses behind them."""
     finals = Counter(r.final.kind for r in requests)
@@ -166,7 +197,11 @@ def tally(requests: Sequence[Request]) -> dict[str, Any]:
 
 
 def latency_ms(attempts: Sequence[Attempt]) -> dict[str, Optional[float]]:
-    lat = np.array([a.latency for a in attempts]) * 1000
+    return percentiles_ms([a.latency for a in attempts])
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, Optional[float]]:
+    lat = np.array(seconds) * 1000
     if not len(lat):
         return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
     return {
@@ -180,9 +215,14 @@ def latency_ms(attempts: Sequence[Attempt]) -> dict[str, Optional[float]]:
 def latencies(requests: Sequence[Request], since: float = float("-inf"), until: float = float("inf")) -> dict:
     """Latency of every attempt sent in [since, until): refusals (429/503) and 2xx answers apart."""
     attempts = [a for r in requests for a in r.attempts if since <= a.sent < until]
+    refused = [a for a in attempts if a.status in REFUSALS]
     return {
-        "refused": latency_ms([a for a in attempts if a.status in REFUSALS]),
+        "refused": latency_ms(refused),
         "accepted": latency_ms([a for a in attempts if a.kind == "ok"]),
+        "refused_by": {
+            reason: latency_ms([a for a in refused if a.reason == reason])
+            for reason, _ in Counter(a.reason for a in refused).most_common()
+        },
     }
 
 

@@ -15,8 +15,10 @@ from support import classify_stub
 from bench import chaos
 from bench.chaos_client import (
     Attempt,
+    LoopLag,
     Request,
     RetryingClient,
+    error_reason,
     last_failure,
     latencies,
     open_loop,
@@ -129,6 +131,7 @@ def test_an_error_answer_outside_the_apis_json_is_counted():
     req = asyncio.run(go())
     assert [a.status for a in req.attempts] == [503, 503] and not any(a.json_body for a in req.attempts)
     assert tally([req])["not_json"] == 2
+    assert req.first.reason == "Request dropped due to backpressure"
     (ok,), _ = _run(lambda live, dead: live, [[503, 200]], retry_cap=0.01)
     assert tally([ok])["not_json"] == 0  # the stub's 503 is JSON
 
@@ -149,6 +152,32 @@ def test_open_loop_paces_and_stops():
     assert len(client.done) == len(reqs) and all(r.final.kind == "ok" for r in reqs)
     starts = [r.first.sent for r in reqs]
     assert starts == sorted(starts) and starts[-1] < 1.2
+
+
+def test_error_reason_says_who_refused():
+    busy = b'{"error": {"message": "server busy: every replica is at its limit and the queue is full", "code": 503}}'
+    assert error_reason(busy) == "server busy: every replica is at its limit and t"
+    assert error_reason(b"Request dropped\n due to  backpressure") == "Request dropped due to backpressure"
+    assert error_reason(b'{"detail": "x"}') == '{"detail": "x"}' and error_reason(b"\xff") == "\ufffd"
+
+
+def test_loop_lag_sees_a_blocked_loop():
+    async def go(lag):
+        t0 = time.perf_counter()
+        ticker = asyncio.ensure_future(lag.run(t0))
+        await asyncio.sleep(0.1)
+        time.sleep(0.15)  # the loop busy, as a client at its CPU limit
+        await asyncio.sleep(0.1)
+        ticker.cancel()
+        return t0
+
+    lag = LoopLag(every=0.01)
+    asyncio.run(go(lag))
+    whole = lag.summary()
+    assert whole["n"] >= 10 and whole["max_ms"] >= 100 and whole["p50_ms"] < 20
+    late = max(lag.samples, key=lambda s: s[1])
+    assert lag.summary(until=late[0])["max_ms"] < 100  # the window picks samples by when the sleep began
+    assert lag.summary(since=1e6) == {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
 
 
 def _req(*attempts):
@@ -225,6 +254,8 @@ def test_report_tables_and_goals():
         "sustainable_rate": 100.0,
         "refused": {"n": 50, "p50_ms": 3.0, "p99_ms": 120.0, "max_ms": 300.0},
         "accepted": {"n": 10, "p50_ms": 900.0, "p99_ms": 2000.0, "max_ms": 2500.0},
+        "client_loop_lag": {"n": 6000, "p50_ms": 0.4, "p99_ms": 35.0, "max_ms": 80.0},
+        "refused_by": {"server busy": {"n": 48, "p50_ms": 2.9, "p99_ms": 9.0, "max_ms": 10.0}},
     }
     rows = [
         _row("engine_stopped", replacement_start_s=30.0, victim_engines_alive_at_end=[123], vllm_left=1),
@@ -240,6 +271,8 @@ def test_report_tables_and_goals():
     assert "| replica killed | direct | 100 | 98 | 2 | 3 | 5 | not within the wait | 0 |" in md
     o = chaos.overload_table(rows[2])
     assert "3.0x the sustainable 100 req/s" in o and "| refused (429/503) | 50 | 3.0 | 120.0 | 300.0 |" in o
+    assert "10 ms sleep late | 6000 | 0.4 | 35.0 | 80.0 |" in o
+    assert '| refused, saying "server busy" | 48 | 2.9 | 9.0 | 10.0 |' in o
     g = "\n".join(chaos.goals(rows))
     assert "engine_stopped: full service after 42.0 s (goal <= 60 s + the new replica's start-up 30.0 s = 90 s)" in g
     assert "engine still running after recovery: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
