@@ -79,7 +79,7 @@ def raise_priority(nice: int = -10) -> int:
 
 
 def event_loop_runner(name: str) -> Callable[[Any], Any]:
-    """asyncio.run on the named event loop: "uvloop" (libuv's, the faster client where installed) or "asyncio"."""
+    """asyncio.run on the named event loop: "uvloop" (libuv's: the client costs less CPU) or "asyncio"."""
     if name == "uvloop":
         import uvloop
 
@@ -451,7 +451,8 @@ def overload_table(row: dict) -> str:
         "|---|---|---|---|---|",
     ]
     rows = [("refused (429/503)", o["refused"])]
-    rows += [(f'refused, saying "{reason}"', s) for reason, s in (o.get("refused_by") or {}).items()]
+    by = (o.get("refused_by") or {}).items()
+    rows += [(f'refused, saying "{reason}"'.replace("|", "/"), s) for reason, s in by]
     rows += [("accepted (2xx)", o["accepted"])]
     lag = o.get("client_loop_lag") or percentiles_ms([])
     rows += [("the client's own delay: its event loop waking a 10 ms sleep late", lag)]
