@@ -26,6 +26,7 @@ from serve_app.cpu_placement import bind_cores, engine_on_its_cores
 from serve_app.engine import VllmEngine
 from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
+from serve_app.replica_logs import log_buffers_kept
 from textclf.serving import Classifiers, ServeConfig, pin_model, resolve_plan
 
 log = logging.getLogger("ray.serve")
@@ -49,18 +50,19 @@ class ClassifierServer:
         t0 = time.time()
         inline = self.cfg.engine.process == "inline"
         # an inline engine's thread binds its own cores as it builds the engine (vLLM's CPU worker)
-        with nullcontext() if inline else engine_on_its_cores(mask):
-            self.engine = (InlineEngine if inline else VllmEngine)(self.plan, self.cfg)
-        self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
-        self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
-        log.info(
-            "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
-            self.plan.engine_model,
-            time.time() - t0,
-            "inline" if inline else "separate process",
-            self.classifiers.names,
-            mask,
-        )
+        with log_buffers_kept():
+            with nullcontext() if inline else engine_on_its_cores(mask):
+                self.engine = (InlineEngine if inline else VllmEngine)(self.plan, self.cfg)
+            self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
+            self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
+            log.info(
+                "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
+                self.plan.engine_model,
+                time.time() - t0,
+                "inline" if inline else "separate process",
+                self.classifiers.names,
+                mask,
+            )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers, self.metrics)

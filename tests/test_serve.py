@@ -8,6 +8,7 @@ answers), as does the test of two LoRA adapters on one engine; each is deleted a
 """
 
 import asyncio
+import glob
 import json
 import os
 import shutil
@@ -86,6 +87,17 @@ def test_health_ready_labels_docs(app, labels):
     paths = app.get("/openapi.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/health", "/ready", "/labels", "/v1/models"):
         assert p in paths
+
+
+def test_the_replica_log_keeps_its_lines_after_the_engine_starts(app, cluster):
+    """vLLM's engine start closes every log handler of the replica's process (serve_app/replica_logs.py): the
+    replica's own line after it and Serve's must still reach the replica's log file."""
+    assert app.get("/ready").status_code == 200
+    files = glob.glob(os.path.join(cluster.temp, "session_latest", "logs", "serve", "replica_textclf_*.log"))
+    assert files, "no replica log file of the app"
+    text = "".join(open(f, errors="replace").read() for f in files)
+    for line in ("textclf: engine", "Finished initializing replica"):
+        assert line in text, f"{line!r} is not in the replica's log:\n{text[-2000:]}"
 
 
 def test_long_text_is_truncated(app, labels):

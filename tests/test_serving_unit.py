@@ -250,6 +250,25 @@ def test_cores_of_a_bind_list():
     assert cores_of("auto") == cores_of("nobind") == cores_of(None) == cores_of("0,x") == set()
 
 
+@pytest.mark.parametrize("value, disabled", [(None, True), ("", True), ("0", False), ("1", True)])
+def test_no_compile_on_cpu_unless_the_user_says_so(monkeypatch, value, disabled):
+    import torch._dynamo.config
+
+    from textclf.inference import no_compile_on_cpu
+
+    if value is None:
+        monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_COMPILE_DISABLE", value)
+    before = torch._dynamo.config.disable  # torch's config module: monkeypatch's undo would delete the entry
+    try:
+        no_compile_on_cpu()
+        assert torch._dynamo.config.disable is disabled
+        assert os.environ["TORCH_COMPILE_DISABLE"] == ("1" if disabled else "0")
+    finally:
+        torch._dynamo.config.disable = before
+
+
 def test_bound_engine_gets_a_thread_per_core(monkeypatch):
     """Ray's OMP_NUM_THREADS=1 (an actor's one reserved CPU) must not leave an engine bound to two cores on one
     thread: the processes it starts get one per bound core, and the evaluation actor starts with as many; a binding

@@ -182,10 +182,12 @@ def no_compile_on_cpu() -> None:
     """On CPU the engine runs eager (engine_kwargs), yet vLLM still torch.compiles small helpers on first use (the
     sampler's logprob ranks): inductor builds C++ during the first request, seconds of the engine's start
     (bench/results/engine-start.md). TORCH_COMPILE_DISABLE runs them as plain torch, same answers; it reaches the
-    engine processes that vLLM starts, and this process, whose torch has read it already. Set by the user, it wins."""
+    engine processes that vLLM starts, and this process, whose torch has read it already. Set by the user, it wins
+    (an empty value counts as unset)."""
     if on_gpu():
         return
-    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    if not os.environ.get("TORCH_COMPILE_DISABLE"):
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
     import torch._dynamo.config
 
     torch._dynamo.config.disable = os.environ["TORCH_COMPILE_DISABLE"] == "1"
