@@ -3,7 +3,7 @@
 vLLM (0.32) applies its logging configuration when an engine is built (`vllm.logger.configure_logging`, a
 non-incremental `logging.config.dictConfig`), which closes every handler in the process. Ray Serve writes a
 replica's log through a `logging.handlers.MemoryHandler`; closed, it drops its target, so every later record of the
-replica (its start-up lines, errors, access log) is kept in memory and never written.
+replica (its start-up lines, its errors) is kept in memory and never written.
 """
 
 from __future__ import annotations
