@@ -14,7 +14,8 @@ def test_a_log_buffer_closed_during_the_block_writes_again_after_it(tmp_path):
     target = logging.FileHandler(path)
     buffer = MemoryHandler(capacity=1000, target=target, flushLevel=logging.ERROR)  # as Ray Serve's replica logger
     log = logging.getLogger("test.replica_logs")
-    log.propagate, log.level = False, logging.INFO
+    log.propagate = False
+    log.setLevel(logging.INFO)
     log.addHandler(buffer)
     try:
         with log_buffers_kept():
