@@ -5,11 +5,13 @@ model FLOPs utilisation, for each model kind, measured side by side in one run a
 
 Per kind and repeat, on the bundled data (or --train-file/--test-file), with each kind's default model:
 1. Training: the Ray Train job (one worker holding all the machine's CPUs) against the same kind's trainer in this
-   process (torch on the same number of threads), same rows, steps and global batch. Reported: the median optimizer
-   step (textclf.training.StepTimes: forward, backward, update), the examples/s of the whole train() (its
-   evaluation and checkpoint included), tokens/s (the rows' tokens, no padding) and MFU: the FLOPs of a real
-   training step, counted by torch.utils.flop_counter (so LoRA's frozen weights and prefix sharing count as what they
-   compute), per second of median step, over the fp32 matmul peak of this machine measured in the same repeat.
+   process (torch on the same number of threads), same rows, steps and global batch; the Ray job runs first in odd
+   repeats and second in even ones (Ray / plain came out ~10% higher with Ray first: bench/results/train-order.md).
+   Reported: the median optimizer step (textclf.training.StepTimes: forward, backward, update), the examples/s of
+   the whole train() (its evaluation and checkpoint included), tokens/s (the rows' tokens, no padding) and MFU: the
+   FLOPs of a real training step, counted by torch.utils.flop_counter (so LoRA's frozen weights and prefix sharing
+   count as what they compute), per second of median step, over the fp32 matmul peak of this machine measured in the
+   same repeat.
 2. Evaluation: the Ray Data + vLLM job against vLLM offline in a fresh process on the same prompts (validation and
    test), both from their start to the last answer (process and engine start included).
 3. Engine start, process start to first answer: the evaluation's (offline, a fresh process) and the Serve app's
@@ -86,16 +88,17 @@ def step_flops_and_tokens(trainer) -> tuple[float, float]:
     return float(counter.get_total_flops()), float(tokens)
 
 
-def train_both(cfg, run_dir: Path, prepared, peak_gflops: float) -> dict[str, Any]:
-    """The Ray Train job, then the same kind's trainer in this process on the same rows and settings."""
+def train_both(cfg, run_dir: Path, prepared, peak_gflops: float, ray_first: bool) -> dict[str, Any]:
+    """The Ray Train job and the same kind's trainer in this process on the same rows and settings, in that order
+    or the other."""
     import torch
 
     from textclf.kinds import get_kind
     from textclf.models import resolve_model
     from textclf.training import StepTimes, measure_step_seconds
 
-    train(cfg, run_dir, prepared)
-    ray_side = json.loads((run_dir / "train_metrics.json").read_text())
+    if ray_first:
+        train(cfg, run_dir, prepared)
     rows = {k: list(ds.iter_rows()) for k, ds in prepared.datasets.items()}
     timer = StepTimes()
     trainer = get_kind(cfg.model.model_kind).build_trainer(
@@ -110,11 +113,15 @@ def train_both(cfg, run_dir: Path, prepared, peak_gflops: float) -> dict[str, An
     measure_step_seconds(trainer)  # as the Ray Train worker does before planning (it also warms the step up)
     plain = trainer.train().metrics
     flops, tokens = step_flops_and_tokens(trainer)
+    if not ray_first:
+        train(cfg, run_dir, prepared)
+    ray_side = json.loads((run_dir / "train_metrics.json").read_text())
     mean_row = statistics.fmean(len(r["input_ids"]) for r in rows["train"])
     tokens_per_step = mean_row * cfg.train.per_device_batch_size * cfg.train.num_workers
     flops_per_token = flops / tokens
     out = {
         "threads": torch.get_num_threads(),
+        "ray_first": ray_first,
         "ray_step_s": ray_side["final_median_step_s"],
         "plain_step_s": timer.median(),
         "ray_examples_per_s": ray_side["final_train_samples_per_second"],
@@ -186,7 +193,8 @@ def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, An
     run_dir = start_run(cfg, splits, trains=True)
     prepared = prepare(cfg, run_dir, splits)
     peak = matmul_peak_gflops(os.cpu_count() or 1)
-    return {"model": cfg.model.model, **train_both(cfg, run_dir, prepared, peak), **evaluate_both(cfg, run_dir)}
+    trained = train_both(cfg, run_dir, prepared, peak, ray_first=repeat % 2 == 0)
+    return {"model": cfg.model.model, **trained, **evaluate_both(cfg, run_dir)}
 
 
 def spread(values: list[float], fmt: Callable[[float], str]) -> str:
@@ -227,7 +235,8 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) ->
     text = table({kind: runs[:done] for kind, runs in results.items()})
     header = (
         f"{done} repeats, median [min–max]; {args.steps} steps of global batch {args.batch}, one Ray Train "
-        f"worker with {os.cpu_count()} CPUs against one process on as many threads; "
+        f"worker with {os.cpu_count()} CPUs against one process on as many threads, the Ray job first in odd "
+        f"repeats and second in even ones; "
         f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
