@@ -1,7 +1,7 @@
 """Benchmark, not a test: what Ray costs in training and evaluation, how fast engines start, and the training's
 model FLOPs utilisation, for each model kind, measured side by side in one run and repeated (median and spread).
 
-    python -m bench.pipeline_throughput [--kinds generative,encoder] [--repeats 3] [--steps 10] [--batch 16]
+    python -m bench.pipeline_throughput [--kinds generative,encoder] [--repeats 3] [--steps encoder=40] [--batch 16]
 
 Per kind and repeat, on the bundled data (or --train-file/--test-file), with each kind's default model:
 1. Training: the Ray Train job (one worker holding all the machine's CPUs) against the same kind's trainer in this
@@ -42,19 +42,42 @@ from textclf.config import load_config
 from textclf.sources import load_splits
 
 RESULTS = Path("bench/results")
+DEFAULT_STEPS = 10
+STEPS = {"encoder": 40}  # its steps are ~15x shorter; 10 of them (~2-3 s) left the Ray / plain ratio to the noise
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", default="generative,encoder", help="comma-separated model kinds")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10, help="optimizer steps per training")
+    ap.add_argument(
+        "--steps",
+        default="",
+        help=f"optimizer steps per training: N for every kind, or kind=N,... (default {STEPS}, else "
+        f"{DEFAULT_STEPS}: about as many seconds of steps for each kind)",
+    )
     ap.add_argument("--batch", type=int, default=16, help="global batch (examples per optimizer step)")
     ap.add_argument("--eval-examples", type=int, default=300, help="a stratified subset of the test split")
     ap.add_argument("--train-file", default=None)
     ap.add_argument("--test-file", default=None)
     ap.add_argument("--runs-dir", default="runs/bench")
     return ap.parse_args(argv)
+
+
+def steps_for(kind: str, spec: str) -> int:
+    """Optimizer steps for `kind` from --steps ("", "N" or "kind=N,...")."""
+    if spec.strip().isdigit():
+        return int(spec)
+    given = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
+    return int(given.get(kind, STEPS.get(kind, DEFAULT_STEPS)))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks from different machines differ by ~2x here)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
@@ -174,6 +197,7 @@ def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
 
 
 def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, Any]:
+    steps = steps_for(kind, args.steps)
     overrides = dict(
         model_kind=kind,
         runs_dir=args.runs_dir,
@@ -181,9 +205,9 @@ def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, An
         num_workers=1,
         cpus_per_worker=float(os.cpu_count() or 1),
         per_device_batch_size=args.batch,
-        max_steps=args.steps,
-        eval_steps=args.steps,
-        save_steps=args.steps,
+        max_steps=steps,
+        eval_steps=steps,
+        save_steps=steps,
         max_eval_examples=args.eval_examples,
         **({"train_file": args.train_file} if args.train_file else {}),
         **({"test_file": args.test_file} if args.test_file else {}),
@@ -194,7 +218,7 @@ def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, An
     prepared = prepare(cfg, run_dir, splits)
     peak = matmul_peak_gflops(os.cpu_count() or 1)
     trained = train_both(cfg, run_dir, prepared, peak, ray_first=repeat % 2 == 0)
-    return {"model": cfg.model.model, **trained, **evaluate_both(cfg, run_dir)}
+    return {"model": cfg.model.model, "steps": steps, **trained, **evaluate_both(cfg, run_dir)}
 
 
 def spread(values: list[float], fmt: Callable[[float], str]) -> str:
@@ -233,14 +257,17 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) ->
     """The table of the repeats done so far, printed and written (after every repeat: a failure keeps them)."""
     done = min(len(runs) for runs in results.values())
     text = table({kind: runs[:done] for kind, runs in results.items()})
+    steps = ", ".join(f"{kind} {runs[0]['steps']}" for kind, runs in results.items())
     header = (
-        f"{done} repeats, median [min–max]; {args.steps} steps of global batch {args.batch}, one Ray Train "
-        f"worker with {os.cpu_count()} CPUs against one process on as many threads, the Ray job first in odd "
-        f"repeats and second in even ones; "
+        f"{done} repeats, median [min–max], on {os.cpu_count()} cores of {cpu_model()}; steps of global batch "
+        f"{args.batch} ({steps}), one Ray Train worker with {os.cpu_count()} CPUs against one process on as many "
+        f"threads, the Ray job first in odd repeats and second in even ones; "
         f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (RESULTS / "pipeline.json").write_text(
+        json.dumps({"args": vars(args), "cpu": cpu_model(), "results": results}, indent=2)
+    )
     (RESULTS / "pipeline.md").write_text(f"# make bench\n\n{header}\n\n{text}\n")
     return f"\n{header}\n\n{text}\n\nwritten {RESULTS / 'pipeline.md'}"
 
