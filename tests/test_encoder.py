@@ -86,6 +86,7 @@ def test_vllm_evaluation_answers_as_the_trained_model(encoder_pipeline):
     import torch
     from transformers import AutoTokenizer
 
+    from textclf.inference import cpu_has_native_bf16
     from textclf.kinds.encoder import load_model
 
     run, _ = encoder_pipeline
@@ -97,9 +98,15 @@ def test_vllm_evaluation_answers_as_the_trained_model(encoder_pipeline):
         probs = torch.softmax(
             model(**tokenizer([p["text"] for p in preds], padding=True, return_tensors="pt")).logits, -1
         )
+    # With native bf16 the CPU engine computes in bf16 (engine_kwargs), this model in fp32: up to 0.005 apart seen;
+    # CLS instead of mean pooling moved them by up to 0.41.
+    tol = 1e-2 if cpu_has_native_bf16() else 1e-3
     for p, row in zip(preds, probs):
-        assert meta["labels"][int(row.argmax())] == p["predicted"]
-        assert abs(float(row.max()) - p["probability"]) < 1e-3, (p, float(row.max()))
+        top2 = row.topk(2).values
+        if float(top2[0] - top2[1]) > 2 * tol:  # a near tie may go either way under rounding
+            assert meta["labels"][int(row.argmax())] == p["predicted"]
+        hf = float(row[meta["labels"].index(p["predicted"])])
+        assert abs(hf - p["probability"]) < tol, (p, hf)
 
 
 @pytest.fixture(scope="module")
