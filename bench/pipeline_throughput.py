@@ -74,10 +74,11 @@ def steps_for(kind: str, spec: str) -> int:
 
 def cpu_model() -> str:
     """The CPU's model name (benchmarks from different machines differ by ~2x here)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, seconds: float = 3.0) -> float:
@@ -258,16 +259,15 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) ->
     done = min(len(runs) for runs in results.values())
     text = table({kind: runs[:done] for kind, runs in results.items()})
     steps = ", ".join(f"{kind} {runs[0]['steps']}" for kind, runs in results.items())
+    cpu = cpu_model()
     header = (
-        f"{done} repeats, median [min–max], on {os.cpu_count()} cores of {cpu_model()}; steps of global batch "
+        f"{done} repeats, median [min–max], on {os.cpu_count()} cores of {cpu}; steps of global batch "
         f"{args.batch} ({steps}), one Ray Train worker with {os.cpu_count()} CPUs against one process on as many "
         f"threads, the Ray job first in odd repeats and second in even ones; "
         f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(
-        json.dumps({"args": vars(args), "cpu": cpu_model(), "results": results}, indent=2)
-    )
+    (RESULTS / "pipeline.json").write_text(json.dumps({"args": vars(args), "cpu": cpu, "results": results}, indent=2))
     (RESULTS / "pipeline.md").write_text(f"# make bench\n\n{header}\n\n{text}\n")
     return f"\n{header}\n\n{text}\n\nwritten {RESULTS / 'pipeline.md'}"
 
