@@ -13,7 +13,7 @@ Per kind and repeat, on the bundled data (or --train-file/--test-file), with eac
    count as what they compute), per second of median step, over the fp32 matmul peak of this machine measured in the
    same repeat.
 2. Evaluation: the Ray Data + vLLM job against vLLM offline in a fresh process on the same prompts (validation and
-   test), both from their start to the last answer (process and engine start included).
+   test), both from their start to the last answer (process and engine start included), in the training's order.
 3. Engine start, process start to first answer: the evaluation's (offline, a fresh process) and the Serve app's
    (serve.run of one replica to its first /classify answer), with the app's engine in a process of its own (the
    default) and inside the replica (engine.process inline).
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ray_jobs.common import setup_logging, start_run
+from ray_jobs.common import init_ray, setup_logging, start_run
 from ray_jobs.evaluate import evaluate, read_validation
 from ray_jobs.export import export
 from ray_jobs.prepare import prepare, read_split
@@ -169,19 +169,38 @@ def in_fresh_process(args: list[str]) -> tuple[float, dict[str, Any]]:
         return started, json.loads(out.read_text())
 
 
-def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
-    """The Ray Data + vLLM evaluation job, then vLLM offline in a fresh process on the same prompts; then the
-    Serve app's start."""
+class _Noop:
+    def __call__(self, batch):
+        return batch
+
+
+def warm_ray_data() -> None:
+    """What prepare()'s tokenizer has started before the evaluation in a pipeline (Ray Data's helper actors)."""
+    import ray
+
+    ray.data.range(10).map_batches(_Noop, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5).take_all()
+
+
+def evaluate_both(cfg, run_dir: Path, ray_first: bool) -> dict[str, Any]:
+    """The Ray Data + vLLM evaluation job and vLLM offline in a fresh process on the same prompts, in that order or
+    the other (the generative run's offline side ran faster right after the Ray job: bench/results/eval-actor-cost.md);
+    then the Serve app's start."""
     import ray
 
     export(cfg, run_dir)
-    ray_eval = evaluate(cfg, run_dir)
-    ray.shutdown()  # frees the CPUs for the offline engine (and the Serve test starts a cluster of its own)
     texts = [ex.text for ex in read_validation(run_dir)] + [ex.text for ex in read_split(run_dir, "test")]
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(texts, f)
         f.flush()
-        started, offline = in_fresh_process(["offline", str(run_dir), f.name])
+        if not ray_first:
+            ray.shutdown()  # the offline engine gets the CPUs to itself either way
+            started, offline = in_fresh_process(["offline", str(run_dir), f.name])
+            init_ray(cfg)
+            warm_ray_data()
+        ray_eval = evaluate(cfg, run_dir)
+        ray.shutdown()  # (and the Serve test starts a cluster of its own)
+        if ray_first:
+            started, offline = in_fresh_process(["offline", str(run_dir), f.name])
     job = [json.loads(line)["predicted"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     agree = sum(a == b for a, b in zip(offline["labels"][-len(job) :], job)) / len(job)
     _, served = in_fresh_process(["serve", str(run_dir)])  # timed from its deployment, not its process start
@@ -190,6 +209,7 @@ def evaluate_both(cfg, run_dir: Path) -> dict[str, Any]:
         "n_prompts": len(texts),
         "ray_data_prompts_per_s": ray_eval["prompts_per_second"],
         "offline_prompts_per_s": len(texts) / (offline["done_at"] - started),
+        "eval_ray_extra_s": ray_eval["eval_seconds"] - (offline["done_at"] - started),
         "same_labels": agree,
         "eval_engine_start_s": offline["first_answer_at"] - started,
         "serve_start_s": served["first_answer_at"] - served["deploy_at"],
@@ -219,7 +239,12 @@ def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, An
     prepared = prepare(cfg, run_dir, splits)
     peak = matmul_peak_gflops(os.cpu_count() or 1)
     trained = train_both(cfg, run_dir, prepared, peak, ray_first=repeat % 2 == 0)
-    return {"model": cfg.model.model, "steps": steps, **trained, **evaluate_both(cfg, run_dir)}
+    return {
+        "model": cfg.model.model,
+        "steps": steps,
+        **trained,
+        **evaluate_both(cfg, run_dir, ray_first=repeat % 2 == 0),
+    }
 
 
 def spread(values: list[float], fmt: Callable[[float], str]) -> str:
@@ -244,6 +269,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             ray_v, plain_v = spread([r[ray_key] for r in runs], fmt), spread([r[plain_key] for r in runs], fmt)
             lines.append(f"| {kind} | {label} | {ray_v} | {plain_v} | {ratio} {ratio_label} |")
         for label, key in (
+            ("evaluation, Ray Data's seconds over offline's", "eval_ray_extra_s"),
             ("engine start, evaluation (process start to first answer), s", "eval_engine_start_s"),
             ("engine start, serving (serve.run to first answer), s", "serve_start_s"),
             ("the same, engine inside the replica (engine.process inline), s", "serve_start_inline_s"),
@@ -263,7 +289,7 @@ def write(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) ->
     header = (
         f"{done} repeats, median [min–max], on {os.cpu_count()} cores of {cpu}; steps of global batch "
         f"{args.batch} ({steps}), one Ray Train worker with {os.cpu_count()} CPUs against one process on as many "
-        f"threads, the Ray job first in odd repeats and second in even ones; "
+        f"threads, the Ray side (training and evaluation) first in odd repeats and second in even ones; "
         f"{results[next(iter(results))][0]['n_prompts']} evaluation prompts"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)

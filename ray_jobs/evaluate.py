@@ -84,7 +84,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "cpu_threads_bind": e.cpu_threads_bind,
         },
         batch_size=e.eval_batch_size,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),  # Ray 2.51 deprecated concurrency=
         num_cpus=e.eval_num_cpus,
         num_gpus=e.eval_num_gpus,
         **engine_process_env(e),

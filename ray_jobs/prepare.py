@@ -90,7 +90,7 @@ def tokenize(examples: list[Example], cfg: Config, fmt: PromptFormat):
             "kind": cfg.model.model_kind,
         },
         batch_size=256,
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),  # Ray 2.51 deprecated concurrency=
         num_cpus=0.5,
     ).materialize()
 
