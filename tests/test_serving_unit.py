@@ -348,3 +348,24 @@ def test_evaluation_and_serving_build_engine_arguments_through_one_path():
     head = engine_kwargs("m", 64, ServeConfig().engine.settings(), runner="pooling", pooling="MEAN")
     assert head["runner"] == "pooling" and head["pooler_config"].seq_pooling_type == "MEAN"
     assert "pooler_config" not in engine_kwargs("m", 64, ServeConfig().engine.settings(), runner="pooling")
+
+
+def test_the_cpu_kv_cache_is_what_the_longest_batch_can_fill_at_most_the_configured_size(tmp_path):
+    """SmolLM2-135M's shape: 30 layers, 3 KV heads of 64, bf16: 23,040 bytes a token."""
+    from transformers import GPT2Config, LlamaConfig
+
+    from textclf.inference import EngineSettings, kv_bytes_per_token, kv_cache_bytes
+
+    llama = tmp_path / "llama"
+    LlamaConfig(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64, hidden_size=576
+    ).save_pretrained(llama)
+    assert kv_bytes_per_token(str(llama), 2) == 2 * 30 * 3 * 64 * 2
+    # 256 sequences of 120 tokens: 4 blocks of 32 each, and the block vLLM holds back
+    assert kv_cache_bytes(str(llama), 120, EngineSettings(256, 1.0, 0.85), 2) == (256 * 4 + 1) * 32 * 23_040
+    assert kv_cache_bytes(str(llama), 120, EngineSettings(64, 0.5, 0.85), 2) == (64 * 4 + 1) * 32 * 23_040
+    assert kv_cache_bytes(str(llama), 2048, EngineSettings(256, 1.0, 0.85), 2) == 1 << 30  # the cap
+    gpt2 = tmp_path / "gpt2"  # other names for the same fields (n_layer, n_head, n_embd), no KV-head count
+    GPT2Config(n_layer=2, n_head=4, n_embd=64).save_pretrained(gpt2)
+    assert kv_bytes_per_token(str(gpt2), 4) == 2 * 2 * 4 * 16 * 4
+    assert kv_cache_bytes(str(tmp_path / "missing"), 120, EngineSettings(8, 0.25, 0.85), 2) == 1 << 28

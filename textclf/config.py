@@ -263,7 +263,11 @@ class EvalConfig:
     eval_batch_size: int = field(default=256, metadata={"help": "test rows per Ray Data batch sent to the engine"})
     max_num_seqs: int = field(default=256, metadata={"help": "vLLM's most sequences in one engine step"})
     kv_cache_gib: float = field(
-        default=1.0, metadata={"help": "vLLM KV cache on CPU in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPU"}
+        default=1.0,
+        metadata={
+            "help": "the most vLLM's KV cache takes on CPU, in GiB; it takes what max_num_seqs prompts of the "
+            "longest length can fill, if less (textclf.inference.kv_cache_bytes); ignored on GPU"
+        },
     )
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "the fraction of GPU memory vLLM may take"})
     eval_adapter: bool = field(

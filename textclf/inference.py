@@ -125,6 +125,37 @@ class EngineSettings:
     gpu_memory_utilization: float  # GPU: the fraction of its memory vLLM may take
 
 
+CPU_BLOCK_TOKENS = 32
+
+
+def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> Optional[int]:
+    """What a decoder caches per token, keys and values of every layer, from its config; None when the config does
+    not say. Grouped-query heads are counted; MLA and sliding-window layers, which vLLM caches smaller, are counted
+    as full attention, so this never undershoots them."""
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model_path).get_text_config()
+        heads = c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    except Exception:  # no config, or an architecture without these fields: vLLM gets the configured size
+        return None
+
+
+def kv_cache_bytes(model_path: str, max_model_len: int, settings: EngineSettings, dtype_bytes: int) -> int:
+    """The CPU KV cache: what max_num_seqs sequences of max_model_len tokens can fill, at most kv_cache_gib. vLLM
+    zero-fills the whole cache at start (~1 s a GiB on 2 cores, more in a Ray worker: bench/results/eval-actor-cost.md),
+    and a classifier's prompts are short."""
+    configured = int(settings.kv_cache_gib * (1 << 30))
+    per_token = kv_bytes_per_token(model_path, dtype_bytes)
+    if per_token is None:
+        return configured
+    blocks = settings.max_num_seqs * math.ceil(max_model_len / CPU_BLOCK_TOKENS) + 1  # vLLM holds one block back
+    return min(configured, blocks * CPU_BLOCK_TOKENS * per_token)
+
+
 def engine_kwargs(
     model_path: str,
     max_model_len: int,
@@ -158,11 +189,12 @@ def engine_kwargs(
         # On CPU the utilization fraction sizes host memory (the default 0.92 fails): size the KV cache directly.
         # Blocks of 32 tokens (the CPU backend's smallest) let prefix caching reuse the shared instruction;
         # with the default size it rarely fills a block.
+        dtype, dtype_bytes = ("bfloat16", 2) if cpu_has_native_bf16() else ("float32", 4)
         kw.update(
-            dtype="bfloat16" if cpu_has_native_bf16() else "float32",
+            dtype=dtype,
             enforce_eager=True,
-            kv_cache_memory_bytes=int(settings.kv_cache_gib * (1 << 30)),
-            block_size=32,
+            kv_cache_memory_bytes=kv_cache_bytes(model_path, max_model_len, settings, dtype_bytes),
+            block_size=CPU_BLOCK_TOKENS,
         )
     if enable_lora:
         kw.update(enable_lora=True, max_loras=max_loras, max_lora_rank=max_lora_rank)

@@ -16,7 +16,7 @@ class EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_num_seqs: int = Field(64, ge=1)
-    kv_cache_gib: float = Field(0.5, gt=0)  # CPU: the KV cache size
+    kv_cache_gib: float = Field(0.5, gt=0)  # CPU: the most the KV cache takes (textclf.inference.kv_cache_bytes)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # GPU: the usual fraction
     max_lora_rank: Optional[int] = None  # default: the largest adapter rank, rounded up to one vLLM supports
     process: Literal["separate", "inline"] = Field(
