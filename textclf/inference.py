@@ -128,14 +128,23 @@ class EngineSettings:
 CPU_BLOCK_TOKENS = 32
 
 
+RECURRENT_CONFIG_KEYS = ("mamba", "ssm", "linear_attn", "layers_block_type", "hybrid")
+
+
 def kv_bytes_per_token(model_path: str, dtype_bytes: int) -> Optional[int]:
     """What a decoder caches per token, keys and values of every layer, from its config; None when the config does
-    not say. Grouped-query heads are counted; MLA and sliding-window layers, which vLLM caches smaller, are counted
-    as full attention, so this never undershoots them."""
+    not say, or the model keeps recurrent state (Mamba, linear attention), which vLLM pages in its own way.
+    Grouped-query heads are counted; MLA and sliding-window layers, which vLLM caches smaller, count as full
+    attention."""
     try:
         from transformers import AutoConfig
 
         c = AutoConfig.from_pretrained(model_path).get_text_config()
+        layer_types = set(getattr(c, "layer_types", None) or ())
+        if layer_types - {"full_attention", "sliding_attention"} or any(
+            k in key for key in c.to_dict() for k in RECURRENT_CONFIG_KEYS
+        ):
+            return None
         heads = c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
