@@ -369,7 +369,7 @@ def test_the_cpu_kv_cache_is_what_the_longest_batch_can_fill_at_most_the_configu
     GPT2Config(n_layer=2, n_head=4, n_embd=64).save_pretrained(gpt2)
     assert kv_bytes_per_token(str(gpt2), 4) == 2 * 2 * 4 * 16 * 4
     assert kv_cache_bytes(str(tmp_path / "missing"), 120, EngineSettings(8, 0.25, 0.85), 2) == 1 << 28
-    hybrid = tmp_path / "hybrid"  # Mamba layers keep per-sequence state that vLLM pages its own way: not estimated
+    hybrid = tmp_path / "hybrid"  # linear-attention (or Mamba) layers keep per-sequence state: not estimated
     LlamaConfig(num_hidden_layers=4, layer_types=["full_attention", "linear_attention"] * 2).save_pretrained(hybrid)
     assert kv_bytes_per_token(str(hybrid), 2) is None
     JambaConfig().save_pretrained(tmp_path / "jamba")
