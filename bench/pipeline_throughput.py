@@ -203,13 +203,14 @@ def evaluate_both(cfg, run_dir: Path, ray_first: bool) -> dict[str, Any]:
             started, offline = in_fresh_process(["offline", str(run_dir), f.name])
     job = [json.loads(line)["predicted"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     agree = sum(a == b for a, b in zip(offline["labels"][-len(job) :], job)) / len(job)
+    offline_s = offline["done_at"] - started
     _, served = in_fresh_process(["serve", str(run_dir)])  # timed from its deployment, not its process start
     _, inline = in_fresh_process(["serve", str(run_dir), "inline"])
     return {
         "n_prompts": len(texts),
         "ray_data_prompts_per_s": ray_eval["prompts_per_second"],
-        "offline_prompts_per_s": len(texts) / (offline["done_at"] - started),
-        "eval_ray_extra_s": ray_eval["eval_seconds"] - (offline["done_at"] - started),
+        "offline_prompts_per_s": len(texts) / offline_s,
+        "eval_ray_extra_s": ray_eval["eval_seconds"] - offline_s,
         "same_labels": agree,
         "eval_engine_start_s": offline["first_answer_at"] - started,
         "serve_start_s": served["first_answer_at"] - served["deploy_at"],
@@ -238,13 +239,9 @@ def bench_kind(args: argparse.Namespace, kind: str, repeat: int) -> dict[str, An
     run_dir = start_run(cfg, splits, trains=True)
     prepared = prepare(cfg, run_dir, splits)
     peak = matmul_peak_gflops(os.cpu_count() or 1)
-    trained = train_both(cfg, run_dir, prepared, peak, ray_first=repeat % 2 == 0)
-    return {
-        "model": cfg.model.model,
-        "steps": steps,
-        **trained,
-        **evaluate_both(cfg, run_dir, ray_first=repeat % 2 == 0),
-    }
+    ray_first = repeat % 2 == 0
+    trained = train_both(cfg, run_dir, prepared, peak, ray_first)
+    return {"model": cfg.model.model, "steps": steps, **trained, **evaluate_both(cfg, run_dir, ray_first)}
 
 
 def spread(values: list[float], fmt: Callable[[float], str]) -> str:
