@@ -14,7 +14,11 @@ Ray's bundled HAProxy on that (on CONFIG itself, with a line on stderr, where Ra
   requests) leaves the rotation after Ray's error-limit of consecutive errors, not only after connection errors
   (`observe layer7`); its health check brings it back;
 - HAProxy's own errors keep their status and get the API's JSON body (Ray turns 502, 503 and 504 into a plain-text
-  500, which a client cannot tell from a bug in the app); 503 (no replica up) carries Retry-After.
+  500, which a client cannot tell from a bug in the app); 503 (no replica up) carries Retry-After;
+- HAProxy holds as many client connections at once (global maxconn) as the process's open-file limit allows, unless
+  RAY_SERVE_HAPROXY_MAXCONN is given: at Ray's 4096 an overload's connections waited in the kernel's accept queue
+  until the clients timed out, never reaching the refusal (bench/results/chaos-overload-connections.md), and a
+  maxconn the limit cannot hold stops HAProxy from starting at all.
 
 Light imports only (the standard library at module level): HAProxy's start and reloads wait for this process.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 from http import HTTPStatus
@@ -32,6 +37,10 @@ SCRIPT = "textclf-haproxy"  # [project.scripts] in pyproject.toml
 DEFAULTS = {"TEXTCLF_REPLICA_MAXCONN": 64, "TEXTCLF_HAPROXY_MAX_QUEUE": 32, "TEXTCLF_RETRY_AFTER_S": 1}
 BUSY_MESSAGE = "server busy: every replica is at its limit and the queue is full; retry later"
 ROUTER_SUFFIX = "-via-ingress-request-router"  # mirrors a backend's servers (`track`): limited through the primary
+MAXCONN_VAR = "RAY_SERVE_HAPROXY_MAXCONN"  # Ray's setting of HAProxy's global maxconn: where given, it stands
+FDS_PER_CONNECTION = 2.5  # a client socket, a replica socket, and a splice pipe (2 fds) per 4 connections
+FD_RESERVE = 256  # listeners, sockets, health checks, logs
+MAXCONN_CAP = 65536
 GATEWAY_ERRORS = {  # HAProxy's own answers, which Ray's template sends to one plain-text 500 file
     502: "bad gateway: the replica closed the connection without an answer; retry",
     503: "no replica is available (starting, restarting or all down); retry later",
@@ -64,11 +73,24 @@ def replica_backends(config: str) -> list[str]:
     return [n for n in names if f"is_{n}" in acls]
 
 
+def connection_limit(open_files: int) -> int:
+    """The global maxconn that `open_files` (the hard RLIMIT_NOFILE) lets HAProxy start with, at most MAXCONN_CAP."""
+    if open_files == resource.RLIM_INFINITY:
+        return MAXCONN_CAP
+    return max(1, min(MAXCONN_CAP, int((open_files - FD_RESERVE) / FDS_PER_CONNECTION)))
+
+
 def shed(
-    config: str, maxconn: int, max_queue: int, retry_after_s: int, body_file: str, error_files: dict[int, str]
+    config: str,
+    maxconn: int,
+    max_queue: int,
+    retry_after_s: int,
+    body_file: str,
+    error_files: dict[int, str],
+    global_maxconn: Optional[int] = None,
 ) -> str:
-    """Ray's HAProxy config with a per-replica connection limit, the refusal of requests over the queue limit, and
-    `errorfile` lines for the statuses in `error_files` pointing at those files."""
+    """Ray's HAProxy config with a per-replica connection limit, the refusal of requests over the queue limit,
+    `errorfile` lines for the statuses in `error_files` pointing at those files, and `global_maxconn` (None: Ray's)."""
     backends = replica_backends(config)
     refuse = [
         f"    http-request return status 503 content-type application/json hdr Retry-After {retry_after_s} "
@@ -90,6 +112,8 @@ def shed(
             line = f"{line} maxconn {maxconn}"
         if in_replica_backend and words[:1] == ["server"]:
             line = line.replace(" observe layer4 ", " observe layer7 ")
+        if global_maxconn and section == ["global"] and words[:1] == ["maxconn"]:
+            line = f"    maxconn {global_maxconn}"
         if len(words) == 3 and words[0] == "errorfile" and words[1].isdigit() and int(words[1]) in error_files:
             line = f"{line[: len(line) - len(line.lstrip())]}errorfile {words[1]} {error_files[int(words[1])]}"
         out.append(line)
@@ -130,7 +154,8 @@ def shed_config(path: str) -> str:
     with open(path) as f:
         config = f.read()
     limits = setting("TEXTCLF_REPLICA_MAXCONN"), setting("TEXTCLF_HAPROXY_MAX_QUEUE")
-    write_atomic(f"{path}.shed", shed(config, *limits, retry_after_s, body_file, error_files))
+    connections = None if MAXCONN_VAR in os.environ else connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    write_atomic(f"{path}.shed", shed(config, *limits, retry_after_s, body_file, error_files, connections))
     return f"{path}.shed"
 
 

@@ -2,6 +2,7 @@
 counting of outcomes, the recovery bookkeeping and the report."""
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from support import classify_stub
 
-from bench import chaos
+from bench import chaos, chaos_probe
 from bench.chaos_client import (
     Attempt,
     LoopLag,
@@ -256,6 +257,12 @@ def test_report_tables_and_goals():
         "accepted": {"n": 10, "p50_ms": 900.0, "p99_ms": 2000.0, "max_ms": 2500.0},
         "client_loop_lag": {"n": 6000, "p50_ms": 0.4, "p99_ms": 35.0, "max_ms": 80.0},
         "refused_by": {"server busy": {"n": 48, "p50_ms": 2.9, "p99_ms": 9.0, "max_ms": 10.0}},
+        "probe": {
+            "rate": 20.0,
+            "refused": {"n": 800, "p50_ms": 1.1, "p99_ms": 40.0, "max_ms": 90.0},
+            "accepted": {"n": 400, "p50_ms": 500.0, "p99_ms": 900.0, "max_ms": 950.0},
+            "own_loop_lag": {"n": 5000, "p50_ms": 0.1, "p99_ms": 2.0, "max_ms": 5.0},
+        },
     }
     rows = [
         _row("engine_stopped", replacement_start_s=30.0, victim_engines_alive_at_end=[123], vllm_left=1),
@@ -276,7 +283,16 @@ def test_report_tables_and_goals():
     g = "\n".join(chaos.goals(rows))
     assert "engine_stopped: full service after 42.0 s (goal <= 60 s + the new replica's start-up 30.0 s = 90 s)" in g
     assert "engine still running after recovery: [123]" in g and "replica_killed_direct: lost 3 (goal 0)" in g
-    assert "overload: refusals p99 120.0 ms (goal <= 100 ms), error answers not in the API's JSON 0 (goal 0)" in g
+    assert "| refused (429/503), timed by the probe (20 req/s, a process of its own) | 800 | 1.1 | 40.0 |" in o
+    assert "| accepted (2xx), timed by the probe | 400 | 500.0 | 900.0 | 950.0 |" in o
+    assert "| the probe's own delay | 5000 | 0.1 | 2.0 | 5.0 |" in o
+    assert (
+        "overload: refusals p99 40.0 ms as the probe timed them (goal <= 100 ms; the load client, its own delay "
+        "included: 120.0 ms), error answers not in the API's JSON 0 (goal 0)"
+    ) in g
+    del rows[2]["overload"]["probe"]  # a run with --probe-rate 0
+    assert "probe" not in chaos.overload_table(rows[2])
+    assert "refusals p99 - ms as the probe" in "\n".join(chaos.goals(rows))
     assert "engine_killed" not in g
 
 
@@ -309,3 +325,30 @@ def test_engine_pids_finds_a_replicas_engine_below_it():
             p.kill()
         replica.kill()
         replica.wait()
+
+
+def test_the_probe_times_each_answer_without_retrying():
+    """bench.chaos_probe against a stub that refuses every other request: one attempt per probe, paced, counted."""
+
+    async def go():
+        runner, url, seen = await _server([503, 200])
+        try:
+            t0 = time.time()
+            out = await chaos_probe.probe([url], "/classify", b"{}", t0 + 0.2, duration=1.0, rate=20, timeout=5)
+        finally:
+            await runner.cleanup()
+        return out, seen, time.time() - t0
+
+    out, seen, took = asyncio.run(go())
+    c = out["counts"]
+    assert seen["n"] == 20 and (c["sent"], c["ok"], c["refused"], c["retried"]) == (20, 10, 10, 0)
+    assert out["refused"]["n"] == out["accepted"]["n"] == 10 and out["refused"]["max_ms"] < 1000
+    assert out["own_loop_lag"]["n"] > 10 and 1.1 <= took < 3.0  # waited for its start, then one second of probes
+
+
+def test_the_probe_command_prints_json_and_counts_no_answer_as_lost():
+    dead = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "bench.chaos_probe", "--url", dead, "--duration", "0.3", "--rate", "10"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout)
+    c = out["counts"]
+    assert (c["sent"], c["lost"], out["rate"]) == (3, 3, 10.0) and c["first_failures"] == {"ClientConnectorError": 3}

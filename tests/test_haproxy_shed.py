@@ -5,6 +5,7 @@ subprocess: importing ray.serve here would fix its settings for the serve tests.
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -142,6 +143,9 @@ def test_rays_config_gets_the_limit_and_the_refusal(tmp_path):
     assert [line.split() for line in lines if line.strip().startswith("errorfile")] == [
         ["errorfile", str(status), path] for status, path in ERRORS.items()
     ]
+    global_limit = haproxy_shed.shed(config, 7, 3, 2, "/x/busy.json", ERRORS, global_maxconn=1234).splitlines()
+    assert [line for line in global_limit if line not in lines] == ["    maxconn 1234"]
+    assert "    maxconn 4096" in lines and "    maxconn 4096" not in global_limit  # Ray's, where none is given
     # nothing else changed
     assert [
         line
@@ -255,3 +259,45 @@ def test_the_wrapper_runs_rays_haproxy_on_the_rewritten_config(tmp_path):
     assert json.loads(Path(f"{config}.busy.json").read_text())["error"]["code"] == 503
     bad = subprocess.run([script, "-c", "-f", str(config)], env={**os.environ, "TEXTCLF_REPLICA_MAXCONN": "0"})
     assert bad.returncode != 0
+
+
+def test_connection_limit_fits_the_open_file_limit():
+    assert haproxy_shed.connection_limit(20000) == 7897  # 2.5 files a connection, 256 kept aside
+    assert haproxy_shed.connection_limit(4096) == 1536 and haproxy_shed.connection_limit(100) == 1
+    assert haproxy_shed.connection_limit(resource.RLIM_INFINITY) == haproxy_shed.connection_limit(10**7) == 65536
+
+
+def _start(script: str, config: Path, env: dict, open_files: int) -> subprocess.Popen:
+    def limit():  # in the child only: the hard limit a smaller host would give HAProxy
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    return subprocess.Popen(
+        [script, "-db", "-f", str(config)], env=env, preexec_fn=limit, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def test_haproxy_starts_with_what_the_open_file_limit_allows(tmp_path):
+    """Ray's maxconn 4096 needs ~10,300 open files; under a hard limit of 4096 the wrapper's HAProxy still starts
+    and answers, with the connection limit that fits, and Ray's own setting, where given, is kept as it is."""
+    port = local.free_port()
+    config = ray_config(tmp_path, port, local.free_port())
+    script = haproxy_shed.installed_script()
+    env = {k: v for k, v in os.environ.items() if k != haproxy_shed.MAXCONN_VAR}
+    proc = _start(script, config, env, 4096)
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    shed = Path(f"{config}.shed").read_text()
+    assert "\n    maxconn 1536\n" in shed and "maxconn 4096" not in shed
+    ray_setting = _start(script, config, {**env, haproxy_shed.MAXCONN_VAR: "4096"}, 4096)
+    assert ray_setting.wait(20) != 0 and b"Cannot raise FD limit" in ray_setting.stderr.read()
+    assert "\n    maxconn 4096\n" in Path(f"{config}.shed").read_text()
