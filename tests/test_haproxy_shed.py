@@ -107,6 +107,13 @@ def haproxy(config_file: str, port: int):
     check = subprocess.run([binary, "-c", "-f", config_file], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen([binary, "-db", "-f", config_file], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with answering(proc, port):
+        yield
+
+
+@contextmanager
+def answering(proc: subprocess.Popen, port: int):
+    """Once the HAProxy `proc` answers on `port`; terminated after."""
     try:
         deadline = time.time() + 20
         while True:
@@ -283,19 +290,8 @@ def test_haproxy_starts_with_what_the_open_file_limit_allows(tmp_path):
     config = ray_config(tmp_path, port, local.free_port())
     script = haproxy_shed.installed_script()
     env = {k: v for k, v in os.environ.items() if k != haproxy_shed.MAXCONN_VAR}
-    proc = _start(script, config, env, 4096)
-    try:
-        deadline = time.time() + 20
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline and proc.poll() is None, proc.stderr.read().decode()
-                time.sleep(0.2)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with answering(_start(script, config, env, 4096), port):
+        pass
     shed = Path(f"{config}.shed").read_text()
     assert "\n    maxconn 1536\n" in shed and "maxconn 4096" not in shed
     ray_setting = _start(script, config, {**env, haproxy_shed.MAXCONN_VAR: "4096"}, 4096)
