@@ -92,7 +92,8 @@ def error_reason(answer: bytes, length: int = 48) -> str:
 
 
 class RetryingClient:
-    """POSTs bodies to `path` on the URLs `urls()` gives at the time (round robin), one retry per request."""
+    """POSTs bodies to `path` on the URLs `urls()` gives at the time (round robin), one retry per request (none with
+    retry=False: a probe that times each answer as it comes)."""
 
     def __init__(
         self,
@@ -102,9 +103,10 @@ class RetryingClient:
         bodies: Sequence[bytes],
         retry_cap_s: float = 2.0,
         t0: Optional[float] = None,
+        retry: bool = True,
     ):
         self.session, self.urls, self.path, self.bodies = session, urls, path, bodies
-        self.retry_cap_s = retry_cap_s
+        self.retry_cap_s, self.retry = retry_cap_s, retry
         self.t0 = time.perf_counter() if t0 is None else t0
         self._next = itertools.count()
         self.done: list[Request] = []  # finished requests, in finishing order (watched while the load runs)
@@ -133,7 +135,7 @@ class RetryingClient:
     async def request(self, i: int) -> Request:
         body = self.bodies[i % len(self.bodies)]
         req = Request([await self.attempt(body)])
-        if should_retry(req.first):
+        if self.retry and should_retry(req.first):
             await asyncio.sleep(retry_delay(req.first, self.retry_cap_s))
             req.attempts.append(await self.attempt(body, avoid=req.first.url))
         self.done.append(req)

@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any, Sequence
 
-from bench.chaos_client import Attempt, LoopLag, Request, RetryingClient, latencies, tally
+from bench.chaos_client import LoopLag, RetryingClient, latencies, open_loop, tally
 
 
 async def probe(
@@ -31,15 +31,10 @@ async def probe(
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=timeout)
     ) as session:
-        client = RetryingClient(session, lambda: urls, path, [body])
+        client = RetryingClient(session, lambda: urls, path, [body], retry=False)
         lagger = asyncio.ensure_future(lag.run(client.t0))
-        tasks: list[asyncio.Task] = []
-        for i in range(int(duration * rate)):
-            await asyncio.sleep(max(0.0, i / rate - (time.perf_counter() - client.t0)))
-            tasks.append(asyncio.ensure_future(client.attempt(body)))
-        attempts: list[Attempt] = list(await asyncio.gather(*tasks))
+        requests = await open_loop(client, lambda t: rate, lambda t: t >= duration)
         lagger.cancel()
-    requests = [Request([a]) for a in attempts]
     return {"rate": rate, "counts": tally(requests), **latencies(requests), "own_loop_lag": lag.summary()}
 
 
