@@ -36,7 +36,7 @@ from textclf.serving import (
 from textclf.serving.errors import encode_json
 
 log = logging.getLogger("ray.serve")
-ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 503)}
+ERRORS = {s: {"model": ErrorBody} for s in (404, 413, 422, 429, 503)}
 
 
 def param_of(detail: Any) -> Optional[str]:
@@ -60,7 +60,7 @@ class ErrorResponse(JSONResponse):
         headers: Optional[dict[str, str]] = None,
     ):
         headers = dict(headers or {})
-        if retry_after_s is not None and status == 503:
+        if retry_after_s is not None and status in (429, 503):
             headers["Retry-After"] = str(retry_after_s)
         body = error_body(status, message, param_of(detail), detail)
         super().__init__(body, status_code=status, headers=headers or None)
@@ -96,9 +96,9 @@ Admit = Callable[[], Optional[ErrorResponse]]  # None: admitted; else the refusa
 
 class HttpEdge:
     """Request counts and latency (AppMetrics); the overload refusal of a classify request while the replica is at
-    its text limit (max_inflight_texts), before its body is read or routed, so that a refusal costs little; and the
-    body limit: bodies over max_body_bytes get 413, by
-    Content-Length up front or while a chunked body is read. Plain ASGI on purpose: an `@app.middleware("http")`
+    its text limit (textclf/serving/admission.py), before its body is read or routed, so that a refusal costs
+    little; and the body limit: bodies over max_body_bytes get 413, by Content-Length up front or while a chunked
+    body is read. Plain ASGI on purpose: an `@app.middleware("http")`
     (Starlette's BaseHTTPMiddleware) runs each request through an extra task and stream, a cost that shows at
     hundreds of requests per second."""
 
@@ -149,7 +149,7 @@ class HttpEdge:
 
 
 def add_error_handlers(api: FastAPI, retry_after_s: int) -> None:
-    """Every error in OpenAI's JSON shape (ErrorResponse); 503 answers carry Retry-After."""
+    """Every error in OpenAI's JSON shape (ErrorResponse); 429 and 503 answers carry Retry-After."""
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -157,7 +157,7 @@ def test_admission_counts_texts_and_refuses_beyond_the_limit(tokenizer):
 
     over, full, unread, held, one = asyncio.run(go())
     for r in (over, full, unread):
-        body = error_of(r, 503)
+        body = error_of(r, 429)
         assert r.headers["retry-after"] == "2" and body["detail"]["max_inflight_texts"] == 5
     assert held.status_code == 200 and len(held.json()) == 4 and one.status_code == 200
     assert clf.inflight == 0

@@ -58,9 +58,17 @@ class ServeConfig(BaseModel):
     # Serve's health check classifies a probe text within this (keep it under the deployment's
     # health_check_timeout_s); skipped while real requests are being answered
     health_probe_timeout_s: float = Field(10.0, gt=0)
-    # texts in the engine at once (a batch counts its texts); beyond it 503 at once. Default: 4 x engine.max_num_seqs
+    # texts in the engine at once at most (a batch counts its texts); beyond it 429 at once. Default: 4 x max_num_seqs
     max_inflight_texts: Optional[int] = Field(None, ge=1)
-    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of 503 answers
+    target_latency_s: Optional[float] = Field(
+        1.0,
+        gt=0,
+        description="the latency admitted requests are kept near: a replica admits texts up to a limit that starts "
+        "at 16, grows while answers come back within the target and shrinks while they take longer, at most "
+        "max_inflight_texts; beyond it 429 at once. Never under twice the replica's fastest answer "
+        "(textclf/serving/admission.py). null: a fixed max_inflight_texts",
+    )
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header of 429 and 503 answers
     # CPU cores per replica's engine (VLLM_CPU_OMP_THREADS_BIND): "slot" gives each replica on a node its own
     # `cores_per_replica` cores; "auto"/"nobind"/an explicit list like "0-3" go to vLLM as given.
     cpu_binding: str = "slot"

@@ -14,6 +14,7 @@ from ..inference import top_k
 from ..kinds import kind_of
 from ..kinds.base import Scorer
 from ..prompts import Encoded, PromptFormat
+from .admission import AdaptiveLimit
 from .config import ServeConfig
 from .errors import EngineUnavailable, Overloaded, ServingError, TooLarge, UnknownClassifier
 from .plan import ClassifierSpec, ServingPlan
@@ -66,6 +67,7 @@ class Classifiers:
     ):
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.inflight = 0  # texts admitted and not answered yet (one event loop: no lock)
+        self.admission = AdaptiveLimit(cfg.inflight_limit, cfg.target_latency_s)
         self.last_answer = float("-inf")  # time.monotonic() of the engine's latest answer
         self.loaded: dict[str, _Loaded] = {}
         for name, spec in plan.classifiers.items():
@@ -141,12 +143,18 @@ class Classifiers:
         return r
 
     def admit(self, n: int) -> None:
-        """Refuse at once what the engine could not start soon, counted in texts: a batch weighs what it carries."""
-        limit = self.cfg.inflight_limit
-        if self.inflight + n > limit:
+        """Refuse at once what the engine could not answer within the latency target (or over max_inflight_texts),
+        counted in texts: a batch weighs what it carries."""
+        a = self.admission
+        if not a.admits(self.inflight, n):
             raise Overloaded(
-                f"server busy: {self.inflight} texts in progress, limit {limit}; retry later",
-                {"inflight_texts": self.inflight, "max_inflight_texts": limit},
+                f"server busy: {self.inflight} texts in progress, limit {a.limit}; retry later",
+                {
+                    "inflight_texts": self.inflight,
+                    "limit": a.limit,
+                    "max_inflight_texts": self.cfg.inflight_limit,
+                    "target_latency_s": a.target,
+                },
             )
 
     async def classify(
@@ -163,10 +171,14 @@ class Classifiers:
             raise EngineUnavailable("the engine is not running")
         self.admit(len(texts))
         self.inflight += len(texts)
+        key, answered = self.admission.begin(), False
         try:
-            return list(await asyncio.gather(*(self._one(c, t, threshold, details) for t in texts)))
+            results = list(await asyncio.gather(*(self._one(c, t, threshold, details) for t in texts)))
+            answered = True
+            return results
         finally:
             self.inflight -= len(texts)
+            self.admission.end(key, answered)
 
     async def check_health(self) -> None:
         """Serve's health check: raises when the engine is dead (at once) or answers no probe text within

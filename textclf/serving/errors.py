@@ -56,4 +56,4 @@ class EngineUnavailable(ServingError):
 
 
 class Overloaded(ServingError):
-    status = 503  # answered with Retry-After
+    status = 429  # with Retry-After; not 503, which HAProxy counts against a replica (serve_app/haproxy_shed.py)
