@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app.api import create_api
+from serve_app.autoscaling import UNSERVED
 from serve_app.cpu_placement import bind_cores, engine_on_its_cores
 from serve_app.engine import VllmEngine
 from serve_app.inline_engine import InlineEngine
@@ -55,6 +56,8 @@ class ClassifierServer:
                 self.engine = (InlineEngine if inline else VllmEngine)(self.plan, self.cfg)
             self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
             self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
+            self.metrics.limit(self.classifiers.admission.limit)
+            self.classifiers.admission.on_change = self.metrics.limit
             log.info(
                 "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
                 self.plan.engine_model,
@@ -66,6 +69,11 @@ class ClassifierServer:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers, self.metrics)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's autoscaling reads besides its own count (serve_app/autoscaling.py): the requests this replica
+        turned away, as those they would have kept in progress."""
+        return {UNSERVED: self.classifiers.admission.unserved()}
 
     async def check_health(self) -> None:
         """Ray Serve's periodic check: a dead engine, or one that answers no probe text in time, fails it and Serve

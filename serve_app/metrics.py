@@ -1,7 +1,7 @@
-"""The app's metrics (requests, latency, predictions, truncated texts), recorded through Ray's metrics API: each
-node's Ray metrics agent exports every replica's series (tagged deployment, replica, application) in Prometheus
-text on the node's metrics export port, so one scrape of a node sees all its replicas (serve_app/README.md,
-"Metrics"). `AppMetrics` takes the metric classes, so the unit tests record without Ray."""
+"""The app's metrics (requests, latency, predictions, truncated texts, the admission limit), recorded through
+Ray's metrics API: each node's Ray metrics agent exports every replica's series (tagged deployment, replica,
+application) in Prometheus text on the node's metrics export port, so one scrape of a node sees all its replicas
+(serve_app/README.md, "Metrics"). `AppMetrics` takes the metric classes, so the unit tests record without Ray."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from typing import Any, Callable, Iterable
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # Ray's metric classes: Counter(name, description, tag_keys).inc(value, tags),
-# Histogram(name, description, boundaries, tag_keys).observe(value, tags)
+# Histogram(name, description, boundaries, tag_keys).observe(value, tags), Gauge(name, description, tag_keys).set(value)
 CounterClass = Callable[..., Any]
 HistogramClass = Callable[..., Any]
+GaugeClass = Callable[..., Any]
 
 
 class AppMetrics:
-    """The app's four metrics; Ray exports them as ray_<name> (counters with _total)."""
+    """The app's five metrics; Ray exports them as ray_<name> (counters with _total)."""
 
-    def __init__(self, counter: CounterClass, histogram: HistogramClass):
+    def __init__(self, counter: CounterClass, histogram: HistogramClass, gauge: GaugeClass):
         self.requests = counter(
             "textclf_requests", description="HTTP requests by endpoint and status code", tag_keys=("endpoint", "status")
         )
@@ -39,6 +40,15 @@ class AppMetrics:
             description="Texts cut by tokens to the model's prompt length",
             tag_keys=("model",),
         )
+
+        self.admission_limit = gauge(
+            "textclf_admission_limit",
+            description="Texts the replica admits at once now: its latency target's limit (429 beyond it)",
+            tag_keys=(),
+        )
+
+    def limit(self, texts: int) -> None:
+        self.admission_limit.set(texts)
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -61,4 +71,4 @@ def serve_metrics() -> AppMetrics:
     """Ray Serve's metric classes, which add the deployment, replica and application tags; in a replica."""
     from ray.serve import metrics
 
-    return AppMetrics(metrics.Counter, metrics.Histogram)
+    return AppMetrics(metrics.Counter, metrics.Histogram, metrics.Gauge)

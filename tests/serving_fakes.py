@@ -55,7 +55,7 @@ def make_classifiers(tokenizer, meta: Optional[dict] = None, **cfg) -> tuple[Cla
 
 
 class RecordedMetric:
-    """A stand-in for Ray's Counter/Histogram classes (same constructor and record calls) that keeps each record;
+    """A stand-in for Ray's Counter/Histogram/Gauge classes (same constructor and record calls) that keeps each record;
     like Ray, it refuses missing or unknown tags and non-string tag values."""
 
     def __init__(self, name: str, description: str = "", boundaries: Optional[list] = None, tag_keys=()):
@@ -67,6 +67,9 @@ class RecordedMetric:
         self._record(value, tags or {})
 
     def observe(self, value: float, tags: Optional[dict[str, str]] = None) -> None:
+        self._record(value, tags or {})
+
+    def set(self, value: float, tags: Optional[dict[str, str]] = None) -> None:
         self._record(value, tags or {})
 
     def _record(self, value: float, tags: dict[str, str]) -> None:
@@ -97,4 +100,4 @@ def recorded_metrics():
     """The app's AppMetrics over RecordedMetric."""
     from serve_app.metrics import AppMetrics
 
-    return AppMetrics(RecordedMetric, RecordedMetric)
+    return AppMetrics(RecordedMetric, RecordedMetric, RecordedMetric)

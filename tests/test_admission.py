@@ -82,6 +82,34 @@ def test_it_starts_low_and_opens_while_answers_come_in_time():
         assert a.limit == expected
 
 
+def test_each_new_limit_is_told():
+    told = []
+    a = limit_after([])
+    a.on_change = told.append
+    for latency, refused in ((1.6, True), (10.0, True), (0.9, False), (0.6, True)):  # 64 -> 40 -> 20, kept, 24
+        if refused:
+            assert not a.admits(a.limit, 1)
+        answer(a, a.clock, latency)
+    assert told == [40, 20, 24]
+
+
+def test_what_it_turns_away_is_reported_as_requests_in_progress():
+    clock = Clock()
+    a = after_an_idle_answer(clock)  # target 1 s
+    a.unserved()  # (counted from here)
+    for _ in range(10):
+        assert not a.admits(a.limit, 1)
+    assert not a.admits(a.limit, 30)  # one request, as Serve counts them
+    clock.now += 2.0
+    assert a.unserved() == 5.5  # 11 requests in 2 s, each 1 s in progress
+    clock.now += 1.0
+    assert a.unserved() == 0.0  # counted once
+    fixed = AdaptiveLimit(4, None, clock=clock)
+    assert not fixed.admits(4, 1)
+    clock.now += 1.0
+    assert fixed.unserved() == 0.0  # a fixed limit is reached in Serve's own count
+
+
 def test_the_limit_moves_once_an_interval():
     clock = Clock()
     a = after_an_idle_answer(clock, target_s=0.2)

@@ -442,7 +442,7 @@ def test_metrics_are_rays_with_the_apps_names_and_tags():
     # importing ray.serve here would change the logging and Serve settings of later tests
     code = (
         "import json; from serve_app.metrics import serve_metrics; m = serve_metrics(); "
-        "print(json.dumps([x.info for x in (m.requests, m.latency, m.predictions, m.truncated)]))"
+        "print(json.dumps([x.info for x in (m.requests, m.latency, m.predictions, m.truncated, m.admission_limit)]))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -452,6 +452,7 @@ def test_metrics_are_rays_with_the_apps_names_and_tags():
         ["textclf_request_latency_seconds", ["endpoint"]],
         ["textclf_predictions", ["model", "label"]],
         ["textclf_truncated_texts", ["model"]],
+        ["textclf_admission_limit", []],
     ]
     assert infos[1]["boundaries"][-1] == 60
 

@@ -93,3 +93,7 @@ def test_one_scrape_of_the_node_counts_every_replica(app):
         time.sleep(2)
     print(f"[metrics] vLLM finished requests by replica {engine}")
     assert sum(engine.values()) >= N_OK + N_LONG and set(engine) == set(ok), (engine, ok)  # the same two replicas
+
+    # each replica's admission limit: 16 texts at the start, lower only if an answer came back over the target
+    limit = by_tag(samples(url, "ray_textclf_admission_limit"), "replica")
+    assert set(limit) == set(ok) and all(0 < v <= 16 for v in limit.values()), limit

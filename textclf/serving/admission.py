@@ -43,6 +43,8 @@ class AdaptiveLimit:
         self._keys = itertools.count()
         self._changed = self._since = clock()
         self._total, self._answers, self._turned_away = 0.0, 0, False
+        self.on_change: Optional[Callable[[int], None]] = None  # told each new limit (the replica's gauge)
+        self._refused, self._counted_since = 0, clock()
 
     @property
     def limit(self) -> int:
@@ -61,7 +63,18 @@ class AdaptiveLimit:
         if inflight == 0 or inflight + n <= self.limit:
             return True
         self._turned_away = True
+        self._refused += 1  # requests, as Serve counts those in progress
         return False
+
+    def unserved(self) -> float:
+        """The requests turned away since the last call as the requests they would have kept in progress: per
+        second, times the target latency (Little's law); what Serve's autoscaling cannot see, as the replica holds
+        only its limit (serve_app/autoscaling.py). 0 without a target: a fixed limit is reached in Serve's own
+        count."""
+        now, target = self.clock(), self.target
+        elapsed, refused = now - self._counted_since, self._refused
+        self._refused, self._counted_since = 0, now
+        return refused / elapsed * target if target is not None and elapsed > 0 else 0.0
 
     def begin(self) -> int:
         """An admitted request starts; its key for `end`."""
@@ -86,6 +99,7 @@ class AdaptiveLimit:
             return
         oldest = next((now - t for t in self._open.values() if t >= self._changed), 0.0)
         latency = max(self._total / self._answers if self._answers else 0.0, oldest)
+        before = self.limit
         if latency > target:
             self.value = max(1.0, self.value * max(0.5, target / latency))
             self._changed = now
@@ -93,3 +107,5 @@ class AdaptiveLimit:
             grown = 2 * self.value if latency < target / 2 else self.value + math.sqrt(self.value)
             self.value = min(float(self.ceiling), grown)
         self._total, self._answers, self._turned_away, self._since = 0.0, 0, False, now
+        if self.on_change is not None and self.limit != before:
+            self.on_change(self.limit)
