@@ -29,10 +29,9 @@ CLIENTS = 48  # each sends a batch of 40 texts, honouring Retry-After; the repli
 
 
 def running_replicas(app: str) -> int:
-    from ray import serve
+    from serve_app.local import replicas
 
-    states = serve.status().applications[app].deployments["Classifier"].replica_states
-    return sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING")
+    return sum(str(getattr(r["state"], "value", r["state"])) == "RUNNING" for r in replicas(app, "Classifier"))
 
 
 def test_turned_away_requests_scale_the_deployment(cluster, tiny_run):
