@@ -2,7 +2,8 @@
 process start to its first answer, as the evaluation (offline vLLM) and as the Serve app (one replica).
 
     python -m bench.engine_start offline RUN TEXTS_JSON OUT_JSON   # then classifies every text of TEXTS_JSON
-    python -m bench.engine_start serve RUN [PROCESS] OUT_JSON   # PROCESS: engine.process (separate, inline)
+    python -m bench.engine_start serve RUN [PROCESS] OUT_JSON   # PROCESS: separate, inline (engine.process), or
+                                                                # spawn (separate without engine.preload)
 
 Writes wall-clock timestamps (time.time()) to OUT_JSON; the parent subtracts the moment it started this process.
 """
@@ -40,7 +41,9 @@ def serve(run: Path, process: str = "separate") -> dict:
     with LocalServe() as cluster:
         from serve_app.app import DEFAULT_CONFIG, app_from_config  # imports ray.serve: it reads the environment set
 
-        engine = {**yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]["engine"], "process": process}
+        engine = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]["engine"]
+        spawn = process == "spawn"
+        engine = {**engine, "process": "separate", "preload": False} if spawn else {**engine, "process": process}
         app = app_from_config(run=str(run), deployment_overrides=one_replica, engine=engine)
         deploy = time.time()
         cluster.run(app)

@@ -16,7 +16,8 @@ Per kind and repeat, on the bundled data (or --train-file/--test-file), with eac
    test), both from their start to the last answer (process and engine start included), in the training's order.
 3. Engine start, process start to first answer: the evaluation's (offline, a fresh process) and the Serve app's
    (serve.run of one replica to its first /classify answer), with the app's engine in a process of its own (the
-   default) and inside the replica (engine.process inline).
+   default, forked from a server that preloads vLLM: engine.preload), spawned as vLLM does (preload false), and
+   inside the replica (engine.process inline).
 Writes bench/results/pipeline.json and bench/results/pipeline.md (the table it prints).
 """
 
@@ -205,6 +206,7 @@ def evaluate_both(cfg, run_dir: Path, ray_first: bool) -> dict[str, Any]:
     agree = sum(a == b for a, b in zip(offline["labels"][-len(job) :], job)) / len(job)
     offline_s = offline["done_at"] - started
     _, served = in_fresh_process(["serve", str(run_dir)])  # timed from its deployment, not its process start
+    _, spawned = in_fresh_process(["serve", str(run_dir), "spawn"])
     _, inline = in_fresh_process(["serve", str(run_dir), "inline"])
     return {
         "n_prompts": len(texts),
@@ -214,6 +216,7 @@ def evaluate_both(cfg, run_dir: Path, ray_first: bool) -> dict[str, Any]:
         "same_labels": agree,
         "eval_engine_start_s": offline["first_answer_at"] - started,
         "serve_start_s": served["first_answer_at"] - served["deploy_at"],
+        "serve_start_spawn_s": spawned["first_answer_at"] - spawned["deploy_at"],
         "serve_start_inline_s": inline["first_answer_at"] - inline["deploy_at"],
     }
 
@@ -269,6 +272,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
             ("evaluation, Ray Data's seconds over offline's", "eval_ray_extra_s"),
             ("engine start, evaluation (process start to first answer), s", "eval_engine_start_s"),
             ("engine start, serving (serve.run to first answer), s", "serve_start_s"),
+            ("the same, engine process spawned as vLLM does (engine.preload false), s", "serve_start_spawn_s"),
             ("the same, engine inside the replica (engine.process inline), s", "serve_start_inline_s"),
             ("fp32 matmul peak, GFLOP/s", "peak_gflops"),
             ("same label, Ray Data job vs offline", "same_labels"),

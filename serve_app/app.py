@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +24,7 @@ from serve_app.api import create_api
 from serve_app.autoscaling import UNSERVED
 from serve_app.cpu_placement import bind_cores, engine_on_its_cores
 from serve_app.engine import VllmEngine
+from serve_app.engine_preload import engine_from_server, preloads, start_server
 from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
 from serve_app.replica_logs import log_buffers_kept
@@ -49,11 +49,8 @@ class ClassifierServer:
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
-        inline = self.cfg.engine.process == "inline"
-        # an inline engine's thread binds its own cores as it builds the engine (vLLM's CPU worker)
         with log_buffers_kept():
-            with nullcontext() if inline else engine_on_its_cores(mask):
-                self.engine = (InlineEngine if inline else VllmEngine)(self.plan, self.cfg)
+            self.engine = self.start_engine(mask)
             self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
             self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
             self.metrics.limit(self.classifiers.admission.limit)
@@ -62,10 +59,21 @@ class ClassifierServer:
                 "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
                 self.plan.engine_model,
                 time.time() - t0,
-                "inline" if inline else "separate process",
+                "inline" if self.cfg.engine.process == "inline" else "separate process",
                 self.classifiers.names,
                 mask,
             )
+
+    def start_engine(self, mask: Optional[str]):
+        if self.cfg.engine.process == "inline":
+            return InlineEngine(self.plan, self.cfg)  # its thread binds its own cores as it builds the engine
+        if not preloads(self.cfg):
+            with engine_on_its_cores(mask):
+                return VllmEngine(self.plan, self.cfg)
+        with engine_on_its_cores(mask):
+            start_server()  # on the engine's cores, which the engine's process inherits from it
+        with engine_from_server():  # this process imports vLLM on its own cores meanwhile
+            return VllmEngine(self.plan, self.cfg)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers, self.metrics)

@@ -296,7 +296,8 @@ class LocalServe:
 
 def processes_with(entry: str, vllm_only: bool = True) -> list[int]:
     """Processes that carry `entry` (KEY=VALUE) in their environment; with vllm_only, only vLLM's (VLLM:: engine
-    processes and vllm commands)."""
+    processes, vllm commands, and the forkserver a preloaded engine is forked from, whose command line names vLLM's
+    modules: serve_app/engine_preload.py)."""
     found = []
     key = entry.encode()
     for p in os.listdir("/proc"):

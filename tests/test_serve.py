@@ -24,9 +24,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def app(cluster, tiny_run):
+def served(cluster, tiny_run):
     with deployed(cluster, run_app(tiny_run), "textclf") as served:
-        yield served.client
+        yield served
+
+
+@pytest.fixture(scope="module")
+def app(served):
+    return served.client
 
 
 @pytest.fixture
@@ -98,6 +103,21 @@ def test_the_replica_log_keeps_its_lines_after_the_engine_starts(app, cluster):
     text = "".join(open(f, errors="replace").read() for f in files)
     for line in ("textclf: engine", "Finished initializing replica"):
         assert line in text, f"{line!r} is not in the replica's log:\n{text[-2000:]}"
+
+
+def test_the_engine_process_is_forked_from_the_preloaded_server(served):
+    """engine.preload (the default on CPU): the replica's EngineCore is a child of the forkserver that imported vLLM
+    beside the replica (serve_app/engine_preload.py), named by vLLM as when spawned, on the cores the replica bound."""
+    import psutil
+
+    (replica,) = served.replicas
+    engines = [psutil.Process(p) for p in served.engines if psutil.Process(p).name().startswith("VLLM::EngineCor")]
+    assert len(engines) == 1, [(p, psutil.Process(p).name()) for p in served.engines]
+    server = engines[0].parent()
+    assert "multiprocessing.forkserver" in " ".join(server.cmdline()) and server.ppid() == replica
+    assert os.sched_getaffinity(engines[0].pid) == os.sched_getaffinity(server.pid)
+    if len(os.sched_getaffinity(0)) > 1:  # the replica's threads moved off the engine's cores
+        assert not os.sched_getaffinity(engines[0].pid) & os.sched_getaffinity(replica)
 
 
 def test_long_text_is_truncated(app, labels):

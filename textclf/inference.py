@@ -96,7 +96,14 @@ def top_k(scores: dict[str, float], k: int) -> dict[str, float]:
     return dict(sorted(scores.items(), key=lambda kv: -kv[1])[:k])
 
 
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")  # NVIDIA's kernel driver, ROCm's, WSL2's
+
+
 def on_gpu() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device. Without a GPU driver on the machine it cannot, and torch (seconds
+    to import) is not imported to ask: a replica starts its engine's preload server first (serve_app/engine_preload)."""
+    if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return False
     try:
         import torch
 
@@ -227,11 +234,16 @@ def no_compile_on_cpu() -> None:
     (an empty value counts as unset)."""
     if on_gpu():
         return
-    if not os.environ.get("TORCH_COMPILE_DISABLE"):
-        os.environ["TORCH_COMPILE_DISABLE"] = "1"
+    no_compile_env()
     import torch._dynamo.config
 
     torch._dynamo.config.disable = os.environ["TORCH_COMPILE_DISABLE"] == "1"
+
+
+def no_compile_env() -> None:
+    """no_compile_on_cpu's variable alone, for a process that imports torch after this (torch reads it then)."""
+    if not os.environ.get("TORCH_COMPILE_DISABLE"):
+        os.environ["TORCH_COMPILE_DISABLE"] = "1"
 
 
 def cores_of(mask: Optional[str]) -> set[int]:

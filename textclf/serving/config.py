@@ -25,6 +25,11 @@ class EngineOptions(BaseModel):
         "inline, inside the replica process, stepped by a thread of its own: a replica starts ~10 s sooner on CPU "
         "but serves fewer requests/s (serve_app/README.md, 'Where the engine runs')",
     )
+    preload: bool = Field(
+        True,
+        description="CPU, separate: the EngineCore process is forked from a server that imports vLLM while the "
+        "replica does, instead of spawned after it (serve_app/engine_preload.py); false: vLLM's own spawn",
+    )
     stats: bool = Field(
         True,
         description="vLLM's engine statistics (queue, KV cache, token and latency histograms) as Ray metrics "

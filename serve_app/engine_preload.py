@@ -1,0 +1,78 @@
+"""A replica's EngineCore process, forked from a server that imports vLLM while the replica does (CPU engines).
+
+vLLM starts an AsyncLLM's EngineCore with multiprocessing's spawn on CPU: a fresh interpreter that imports torch and
+vLLM again, seconds after the replica has imported them. Here a forkserver (multiprocessing's own, preloading vLLM's
+engine modules) starts before the replica imports anything heavy, so the two imports run side by side, and vLLM's
+EngineCore is forked from it, already imported (bench/results/engine-start.md, "The engine's process, preloaded").
+
+Light imports only: the server must start before the replica imports torch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+from contextlib import contextmanager
+from multiprocessing.context import ForkServerContext, ForkServerProcess
+from typing import Iterator
+
+from textclf.inference import no_compile_env, on_gpu
+from textclf.serving import ServeConfig
+
+# What an EngineCore process imports before it builds the engine (its target, executor and CPU worker); this module
+# too, for the process class below. A module that fails to import is skipped by the server and imported by the child.
+PRELOAD = [
+    "serve_app.engine_preload",
+    "vllm.v1.engine.core",
+    "vllm.v1.executor.uniproc_executor",
+    "vllm.v1.worker.cpu_worker",
+]
+
+
+class EnvironProcess(ForkServerProcess):
+    """A forkserver child with the environment its parent had when it started it, as spawn gives: a forkserver's
+    children otherwise inherit the server's, and vLLM sets variables for its engine just before it starts it."""
+
+    def start(self) -> None:
+        self._environ = dict(os.environ)
+        super().start()
+
+    def run(self) -> None:
+        try:  # setproctitle (vLLM names its processes) finds the title's room only in an environment as exec left it
+            import setproctitle
+
+            setproctitle.getproctitle()
+        except ImportError:
+            pass
+        os.environ.clear()
+        os.environ.update(self._environ)
+        super().run()
+
+
+class EnvironContext(ForkServerContext):
+    Process = EnvironProcess
+
+
+def preloads(cfg: ServeConfig) -> bool:
+    return cfg.engine.process == "separate" and cfg.engine.preload and not on_gpu()
+
+
+def start_server(modules: list[str] = PRELOAD) -> None:
+    """Start the forkserver, which imports `modules` in the background with this process's environment and CPU
+    affinity (both then the engine's); returns at once."""
+    no_compile_env()  # read by torch as the server imports it
+    multiprocessing.forkserver.set_forkserver_preload(modules)
+    multiprocessing.forkserver.ensure_running()
+
+
+@contextmanager
+def engine_from_server() -> Iterator[None]:
+    """vLLM starts its engine processes from the forkserver while inside (start_server first)."""
+    import vllm.v1.engine.utils as engine_utils
+
+    spawning = engine_utils.get_mp_context
+    engine_utils.get_mp_context = EnvironContext
+    try:
+        yield
+    finally:
+        engine_utils.get_mp_context = spawning

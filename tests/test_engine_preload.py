@@ -1,0 +1,75 @@
+"""serve_app/engine_preload.py: the EngineCore process forked from a server that preloads vLLM. The process class in
+a real forkserver (a light module preloaded, in a subprocess of its own: the forkserver is one per process), and the
+name in vLLM it replaces; tests/test_serve.py checks a replica's engine process."""
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import json, os, sys
+from multiprocessing import Pipe
+from multiprocessing.forkserver import _forkserver
+
+from serve_app.engine_preload import EnvironContext, start_server
+
+
+def report(conn):
+    import setproctitle
+
+    setproctitle.setproctitle("VLLM::Probe")  # as vLLM names its engine process
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
+    conn.send({"late": os.environ.get("TEXTCLF_LATE"), "gone": os.environ.get("TEXTCLF_GONE"), "ppid": os.getppid(),
+               "affinity": sorted(os.sched_getaffinity(0)), "comm": comm, "json": "json" in sys.modules})
+
+
+if __name__ == "__main__":
+    everything = os.sched_getaffinity(0)
+    os.environ["TEXTCLF_GONE"] = "set when the server started"
+    os.sched_setaffinity(0, {min(everything)})
+    start_server(["serve_app.engine_preload", "json"])
+    os.sched_setaffinity(0, everything)
+    os.environ["TEXTCLF_LATE"] = "set after the server started"
+    del os.environ["TEXTCLF_GONE"]
+    parent, child = Pipe()
+    p = EnvironContext().Process(target=report, args=(child,))
+    p.start()
+    out = parent.recv()
+    p.join(30)
+    print(json.dumps({**out, "me": os.getpid(), "server": _forkserver._forkserver_pid, "exitcode": p.exitcode}))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell the server's from the parent's")
+def test_a_child_has_its_parents_environment_at_start_and_the_servers_cores(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=os.getcwd())
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["exitcode"] == 0
+    assert out["ppid"] == out["server"] != out["me"]  # forked by the server, not spawned by the parent
+    assert out["late"] == "set after the server started" and out["gone"] is None  # the parent's, at start()
+    assert out["affinity"] == [min(os.sched_getaffinity(0))]  # the server's cores (the engine's, in a replica)
+    assert out["comm"] == "VLLM::Probe"  # setproctitle still names the process after its environment is replaced
+    assert out["json"]  # imported by the server before the fork
+
+
+def test_vllm_starts_its_engine_processes_from_the_context_it_is_given():
+    """engine_from_server replaces vllm.v1.engine.utils.get_mp_context, which vLLM's engine process manager calls
+    for the context it starts EngineCore processes from; restored on exit."""
+    import vllm.v1.engine.utils as engine_utils
+
+    from serve_app.engine_preload import EnvironContext, engine_from_server
+
+    assert "get_mp_context()" in inspect.getsource(engine_utils.CoreEngineProcManager.__init__)
+    spawning = engine_utils.get_mp_context
+    with engine_from_server():
+        ctx = engine_utils.get_mp_context()
+        assert isinstance(ctx, EnvironContext) and ctx.get_start_method() == "forkserver"
+    assert engine_utils.get_mp_context is spawning
