@@ -22,8 +22,8 @@ class EngineOptions(BaseModel):
     process: Literal["separate", "inline"] = Field(
         "separate",
         description="where the engine runs: separate, in an EngineCore process of its own (vLLM's AsyncLLM); or "
-        "inline, inside the replica process, stepped by a thread of its own: a replica starts ~10 s sooner on CPU "
-        "but serves fewer requests/s (serve_app/README.md, 'Where the engine runs')",
+        "inline, inside the replica process, stepped by a thread of its own: a replica starts 2-3 s sooner on CPU "
+        "(than separate with preload) but serves fewer requests/s (serve_app/README.md, 'Where the engine runs')",
     )
     preload: bool = Field(
         True,
