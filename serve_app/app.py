@@ -28,7 +28,14 @@ from serve_app.engine_preload import engine_from_server, preloads, start_server
 from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
 from serve_app.replica_logs import log_buffers_kept
-from textclf.serving import Classifiers, ServeConfig, pin_model, resolve_plan
+from textclf.serving import (
+    Classifiers,
+    ServeConfig,
+    engine_needs_tokenizer,
+    load_classifiers,
+    pin_model,
+    resolve_plan,
+)
 
 log = logging.getLogger("ray.serve")
 DEPLOYMENT = "Classifier"
@@ -50,8 +57,12 @@ class ClassifierServer:
         mask = bind_cores(self.cfg)
         t0 = time.time()
         with log_buffers_kept():
-            self.engine = self.start_engine(mask)
-            self.classifiers = Classifiers(self.cfg, self.plan, self.engine)
+            if preloads(self.cfg):  # before this process imports anything heavy (serve_app/engine_preload.py)
+                with engine_on_its_cores(mask):
+                    start_server()  # on the engine's cores, which the engine's process inherits from it
+            loaded = load_classifiers(self.plan)  # first: their requests say whether vLLM loads a tokenizer too
+            self.engine = self.start_engine(mask, engine_needs_tokenizer(loaded))
+            self.classifiers = Classifiers(self.cfg, self.plan, self.engine, loaded=loaded)
             self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
             self.metrics.limit(self.classifiers.admission.limit)
             self.classifiers.admission.on_change = self.metrics.limit
@@ -64,16 +75,14 @@ class ClassifierServer:
                 mask,
             )
 
-    def start_engine(self, mask: Optional[str]):
+    def start_engine(self, mask: Optional[str], tokenizer: bool):
         if self.cfg.engine.process == "inline":
-            return InlineEngine(self.plan, self.cfg)  # its thread binds its own cores as it builds the engine
-        if not preloads(self.cfg):
-            with engine_on_its_cores(mask):
-                return VllmEngine(self.plan, self.cfg)
-        with engine_on_its_cores(mask):
-            start_server()  # on the engine's cores, which the engine's process inherits from it
-        with engine_from_server():  # this process imports vLLM on its own cores meanwhile
-            return VllmEngine(self.plan, self.cfg)
+            return InlineEngine(self.plan, self.cfg, tokenizer)  # its thread binds its own cores as it builds it
+        if preloads(self.cfg):
+            with engine_from_server():  # forked from the server started above, on the engine's cores
+                return VllmEngine(self.plan, self.cfg, tokenizer)
+        with engine_on_its_cores(mask):  # spawned: the engine's process inherits the cores of the call
+            return VllmEngine(self.plan, self.cfg, tokenizer)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.classifiers, self.metrics)

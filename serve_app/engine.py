@@ -9,9 +9,11 @@ from textclf.inference import engine_in_one_process, engine_kwargs, engine_outpu
 from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
 
 
-def engine_setup(plan: ServingPlan, cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any], list | None]:
+def engine_setup(
+    plan: ServingPlan, cfg: ServeConfig, tokenizer: bool = True
+) -> tuple[dict[str, Any], dict[str, Any], list | None]:
     """What both engines are built from: (vLLM engine arguments, one LoRARequest per configured adapter by
-    classifier name, the stat loggers)."""
+    classifier name, the stat loggers). `tokenizer`: whether the requests need vLLM's own (`Classifiers`)."""
     # vLLM takes seconds to import: only replicas load it, not the builder or the tests that import the app
     from vllm.lora.request import LoRARequest
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
@@ -26,6 +28,7 @@ def engine_setup(plan: ServingPlan, cfg: ServeConfig) -> tuple[dict[str, Any], d
         max_lora_rank=plan.max_lora_rank,
         runner=plan.runner,
         pooling=plan.pooling,
+        tokenizer=tokenizer,
     )
     # no periodic stats log lines; with engine.stats the Ray logger still records vLLM's metrics (ray_vllm_*)
     kw["disable_log_stats"] = True
@@ -36,11 +39,11 @@ def engine_setup(plan: ServingPlan, cfg: ServeConfig) -> tuple[dict[str, Any], d
 class VllmEngine:
     """One AsyncLLM for the plan's model; one LoRARequest per configured adapter."""
 
-    def __init__(self, plan: ServingPlan, cfg: ServeConfig):
+    def __init__(self, plan: ServingPlan, cfg: ServeConfig, tokenizer: bool = True):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kw, self.loras, loggers = engine_setup(plan, cfg)
+        kw, self.loras, loggers = engine_setup(plan, cfg, tokenizer)
         self.runner = plan.runner  # pooling: a classification head's class probabilities from AsyncLLM.encode
         engine_in_one_process()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kw), stat_loggers=loggers)

@@ -14,10 +14,12 @@ import multiprocessing.forkserver
 import os
 from contextlib import contextmanager
 from multiprocessing.context import ForkServerContext, ForkServerProcess
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from textclf.inference import no_compile_env, on_gpu
-from textclf.serving import ServeConfig
+
+if TYPE_CHECKING:  # the server imports this module: its own imports stay light (textclf.serving takes ~0.2 s)
+    from textclf.serving import ServeConfig
 
 # What an EngineCore process imports before it builds the engine (its target, executor and CPU worker); this module
 # too, for the process class below. A module that fails to import is skipped by the server and imported by the child.

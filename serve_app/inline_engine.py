@@ -24,10 +24,10 @@ class InlineEngine:
     """Requests reach the engine thread through a queue; each answer settles an asyncio future on the caller's
     loop. A failure of the thread fails every request in flight and marks the engine errored."""
 
-    def __init__(self, plan: ServingPlan, cfg: ServeConfig):
+    def __init__(self, plan: ServingPlan, cfg: ServeConfig, tokenizer: bool = True):
         from vllm.engine.arg_utils import EngineArgs
 
-        kw, self.loras, loggers = engine_setup(plan, cfg)
+        kw, self.loras, loggers = engine_setup(plan, cfg, tokenizer)
         kw["disable_log_stats"] = loggers is None  # LLMEngine keeps statistics only with log_stats
         self.runner = plan.runner
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

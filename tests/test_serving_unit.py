@@ -345,6 +345,8 @@ def test_evaluation_and_serving_build_engine_arguments_through_one_path():
     assert (ev["max_num_seqs"], ev["kv_cache_memory_bytes"]) == (256, 1 << 30)
     assert (sv["max_num_seqs"], sv["kv_cache_memory_bytes"]) == (64, 1 << 29)
     assert set(ev) == set(sv)
+    assert "skip_tokenizer_init" not in ev  # vLLM's default: it loads the tokenizer
+    assert engine_kwargs("m", 64, ServeConfig().engine.settings(), tokenizer=False)["skip_tokenizer_init"] is True
     head = engine_kwargs("m", 64, ServeConfig().engine.settings(), runner="pooling", pooling="MEAN")
     assert head["runner"] == "pooling" and head["pooler_config"].seq_pooling_type == "MEAN"
     assert "pooler_config" not in engine_kwargs("m", 64, ServeConfig().engine.settings(), runner="pooling")

@@ -92,6 +92,13 @@ def parse_output(plan: ScoringPlan, completions: Sequence[Any]) -> dict[str, Any
     return {"label": label, "confidence": prob, "scores": {label: prob}}
 
 
+def needs_engine_tokenizer(params: Sequence[Any]) -> bool:
+    """Whether vLLM must load a tokenizer of its own for these requests: for text out (detokenize) or a grammar
+    (structured outputs). Prompts always go in as token ids, so one-step scoring and pooling need none, and the
+    engine then starts without it (bench/results/engine-start.md, "vLLM's own tokenizer")."""
+    return any(getattr(p, "detokenize", False) or getattr(p, "structured_outputs", None) is not None for p in params)
+
+
 def top_k(scores: dict[str, float], k: int) -> dict[str, float]:
     return dict(sorted(scores.items(), key=lambda kv: -kv[1])[:k])
 
@@ -182,10 +189,12 @@ def engine_kwargs(
     max_lora_rank: int = 16,
     runner: str = "generate",
     pooling: Optional[str] = None,
+    tokenizer: bool = True,
 ) -> dict[str, Any]:
     """Engine settings that start on a CPU-only machine as well as on a GPU. runner "pooling": a classification
     head (the encoder kind), whose requests share no prompt prefix; `pooling`: the head's sequence pooling
-    (classifier.json's "pooling"; None: the architecture's own)."""
+    (classifier.json's "pooling"; None: the architecture's own); `tokenizer`: whether the requests need vLLM's own
+    (`needs_engine_tokenizer`)."""
     kw: dict[str, Any] = dict(
         model=model_path,
         max_model_len=max_model_len,
@@ -193,6 +202,8 @@ def engine_kwargs(
         enable_prefix_caching=runner == "generate",  # every prompt shares the instruction and label list
         seed=0,
     )
+    if not tokenizer:
+        kw["skip_tokenizer_init"] = True
     if runner != "generate":
         kw["runner"] = runner
     if pooling:
@@ -340,6 +351,7 @@ class BatchClassifier:
                 enable_lora=adapter_dir is not None,
                 runner=kind.runner,
                 pooling=meta.get("pooling"),
+                tokenizer=needs_engine_tokenizer(self.scorer.params),
             )
         )
         self.lora = None

@@ -25,7 +25,7 @@ from .api import (
     validate,
 )
 from .config import NAME_RE, EngineOptions, ServeConfig
-from .core import Classifiers, Engine, apply_abstain
+from .core import Classifiers, Engine, apply_abstain, engine_needs_tokenizer, load_classifiers
 from .errors import EngineUnavailable, InvalidRequest, Overloaded, ServingError, TooLarge, UnknownClassifier, error_body
 from .plan import LORA_RANKS, ClassifierSpec, ServingPlan, pin_model, project_path, resolve_plan
 from .vllm_format import ClassificationResponse, ModelCard, ModelList, VllmClassifyRequest, classification_response
@@ -57,8 +57,10 @@ __all__ = [
     "apply_abstain",
     "classification_response",
     "count_texts",
+    "engine_needs_tokenizer",
     "error_body",
     "is_blank",
+    "load_classifiers",
     "parse_request",
     "pin_model",
     "project_path",

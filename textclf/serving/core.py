@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
 
 from ..export import prompt_format
-from ..inference import top_k
+from ..inference import needs_engine_tokenizer, top_k
 from ..kinds import kind_of
 from ..kinds.base import Scorer
 from ..prompts import Encoded, PromptFormat
@@ -58,26 +58,43 @@ class _Loaded:
         return self.scorer.parse(outs)
 
 
+def load_classifiers(plan: ServingPlan, tokenizers: Optional[dict[str, Any]] = None) -> dict[str, _Loaded]:
+    """Each classifier's prompt format and scorer, with its tokenizer (given, else loaded from its run)."""
+    loaded = {}
+    for name, spec in plan.classifiers.items():
+        tok = (tokenizers or {}).get(name)
+        if tok is None:
+            from transformers import AutoTokenizer  # loads torch: only where no tokenizer is given
+
+            tok = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
+        fmt = prompt_format(spec.meta)
+        loaded[name] = _Loaded(spec, fmt, kind_of(spec.meta).scorer(fmt, tok))
+    return loaded
+
+
+def engine_needs_tokenizer(loaded: dict[str, _Loaded]) -> bool:
+    """Whether any classifier's requests need vLLM's own tokenizer (`textclf.inference.needs_engine_tokenizer`)."""
+    return any(needs_engine_tokenizer(c.params) for c in loaded.values())
+
+
 class Classifiers:
     """Classifies texts with the engine for each configured classifier; the same prompt tokens and scoring as the
     evaluation job (`textclf.inference`)."""
 
     def __init__(
-        self, cfg: ServeConfig, plan: ServingPlan, engine: Engine, tokenizers: Optional[dict[str, Any]] = None
+        self,
+        cfg: ServeConfig,
+        plan: ServingPlan,
+        engine: Engine,
+        tokenizers: Optional[dict[str, Any]] = None,
+        loaded: Optional[dict[str, _Loaded]] = None,
     ):
+        """`loaded`: the plan's classifiers from `load_classifiers`, when the caller needed them before its engine."""
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.inflight = 0  # texts admitted and not answered yet (one event loop: no lock)
         self.admission = AdaptiveLimit(cfg.inflight_limit, cfg.target_latency_s)
         self.last_answer = float("-inf")  # time.monotonic() of the engine's latest answer
-        self.loaded: dict[str, _Loaded] = {}
-        for name, spec in plan.classifiers.items():
-            tok = (tokenizers or {}).get(name)
-            if tok is None:
-                from transformers import AutoTokenizer  # loads torch: only where no tokenizer is given
-
-                tok = AutoTokenizer.from_pretrained(spec.tokenizer_dir)
-            fmt = prompt_format(spec.meta)
-            self.loaded[name] = _Loaded(spec, fmt, kind_of(spec.meta).scorer(fmt, tok))
+        self.loaded = loaded if loaded is not None else load_classifiers(plan, tokenizers)
 
     @property
     def names(self) -> list[str]:
