@@ -13,7 +13,7 @@ def engine_setup(
     plan: ServingPlan, cfg: ServeConfig, tokenizer: bool = True
 ) -> tuple[dict[str, Any], dict[str, Any], list | None]:
     """What both engines are built from: (vLLM engine arguments, one LoRARequest per configured adapter by
-    classifier name, the stat loggers). `tokenizer`: whether the requests need vLLM's own (`Classifiers`)."""
+    classifier name, the stat loggers). `tokenizer`: whether the requests need vLLM's own (`engine_needs_tokenizer`)."""
     # vLLM takes seconds to import: only replicas load it, not the builder or the tests that import the app
     from vllm.lora.request import LoRARequest
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
