@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from textclf.prompts import PromptFormat
-from textclf.serving import Classifiers, ClassifierSpec, ServeConfig, ServingPlan
+from textclf.serving import Classifiers, ClassifierSpec, ServeConfig, ServingPlan, load_classifiers
 
 LABELS = ("banking", "travel", "kitchen_and_dining")
 
@@ -51,7 +51,7 @@ def make_classifiers(tokenizer, meta: Optional[dict] = None, **cfg) -> tuple[Cla
     assert len(set(firsts)) == 3
     engine = FakeEngine({firsts[0]: math.log(0.2), firsts[1]: math.log(0.7), firsts[2]: math.log(0.1)})
     cfg = ServeConfig(**{"max_batch": 4, "max_text_chars": 5000, "top_k": 2, **cfg})
-    return Classifiers(cfg, plan, engine, tokenizers={"clf": tokenizer}), engine, fmt
+    return Classifiers(cfg, plan, engine, load_classifiers(plan, {"clf": tokenizer})), engine, fmt
 
 
 class RecordedMetric:

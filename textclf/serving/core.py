@@ -86,15 +86,14 @@ class Classifiers:
         cfg: ServeConfig,
         plan: ServingPlan,
         engine: Engine,
-        tokenizers: Optional[dict[str, Any]] = None,
         loaded: Optional[dict[str, _Loaded]] = None,
     ):
-        """`loaded`: the plan's classifiers from `load_classifiers`, when the caller needed them before its engine."""
+        """`loaded`: the plan's classifiers from `load_classifiers` (loaded here when not given)."""
         self.cfg, self.plan, self.engine = cfg, plan, engine
         self.inflight = 0  # texts admitted and not answered yet (one event loop: no lock)
         self.admission = AdaptiveLimit(cfg.inflight_limit, cfg.target_latency_s)
         self.last_answer = float("-inf")  # time.monotonic() of the engine's latest answer
-        self.loaded = loaded if loaded is not None else load_classifiers(plan, tokenizers)
+        self.loaded = loaded if loaded is not None else load_classifiers(plan)
 
     @property
     def names(self) -> list[str]:
