@@ -28,6 +28,7 @@ from serve_app.engine_preload import engine_from_server, preloads, start_server
 from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
 from serve_app.replica_logs import log_buffers_kept
+from textclf.collector import collector_paused
 from textclf.serving import (
     Classifiers,
     ServeConfig,
@@ -56,7 +57,7 @@ class ClassifierServer:
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
-        with log_buffers_kept():
+        with log_buffers_kept(), collector_paused():  # and frozen after: Serve's own collection then skips it all
             if preloads(self.cfg):  # before this process imports anything heavy (serve_app/engine_preload.py)
                 with engine_on_its_cores(mask):
                     start_server()  # on the engine's cores, which the engine's process inherits from it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from textclf.collector import freeze_imports
 from textclf.inference import engine_in_one_process, engine_kwargs, engine_output, no_compile_on_cpu
 from textclf.serving import ClassifierSpec, ServeConfig, ServingPlan
 
@@ -18,6 +19,7 @@ def engine_setup(
     from vllm.lora.request import LoRARequest
     from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+    freeze_imports()  # vLLM imported (the callers' imports first): the collections as the engine builds skip it
     no_compile_on_cpu()  # before the engine starts, in this process or its own
     kw = engine_kwargs(
         plan.engine_model,

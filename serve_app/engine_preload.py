@@ -14,7 +14,7 @@ import multiprocessing.forkserver
 import os
 from contextlib import contextmanager
 from multiprocessing.context import ForkServerContext, ForkServerProcess
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from textclf.inference import no_compile_env, on_gpu
 
@@ -22,8 +22,8 @@ if TYPE_CHECKING:  # the server imports this module, so its imports stay light: 
     from textclf.serving import ServeConfig
 
 # What an EngineCore process imports before it builds the engine (its target, executor and CPU worker); this module
-# too, for the process class below. A module that fails to import is skipped by the server and imported by the child.
-PRELOAD = [
+# too, for the process class below. serve_app/engine_server.py imports them in the server.
+ENGINE_MODULES = [
     "serve_app.engine_preload",
     "vllm.v1.engine.core",
     "vllm.v1.executor.uniproc_executor",
@@ -59,11 +59,11 @@ def preloads(cfg: ServeConfig) -> bool:
     return cfg.engine.process == "separate" and cfg.engine.preload and not on_gpu()
 
 
-def start_server(modules: list[str] = PRELOAD) -> None:
-    """Start the forkserver, which imports `modules` in the background with this process's environment and CPU
-    affinity (both then the engine's); returns at once."""
+def start_server(modules: Sequence[str] = ("serve_app.engine_server",)) -> None:
+    """Start the forkserver, which imports `modules` (by default ENGINE_MODULES, with the collector paused) in the
+    background with this process's environment and CPU affinity (both then the engine's); returns at once."""
     no_compile_env()  # read by torch as the server imports it
-    multiprocessing.forkserver.set_forkserver_preload(modules)
+    multiprocessing.forkserver.set_forkserver_preload(list(modules))
     multiprocessing.forkserver.ensure_running()
 
 

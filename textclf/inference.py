@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from .collector import collector_paused, freeze_imports
 from .prompts import PromptFormat
 
 
@@ -315,7 +316,8 @@ class BatchClassifier:
         cpu_threads_bind: Optional[str] = "all",
     ):
         self._engine_thread = None if on_gpu() else ThreadPoolExecutor(1, thread_name_prefix="textclf-engine")
-        self._on_engine_thread(self._build, model_dir, meta, engine, adapter_dir, cpu_threads_bind)
+        with collector_paused():
+            self._on_engine_thread(self._build, model_dir, meta, engine, adapter_dir, cpu_threads_bind)
 
     def _on_engine_thread(self, fn, *args):
         return fn(*args) if self._engine_thread is None else self._engine_thread.submit(fn, *args).result()
@@ -333,6 +335,7 @@ class BatchClassifier:
 
         from .kinds import kind_of
 
+        freeze_imports()
         kind = kind_of(meta)
         if adapter_dir:
             kind.check_servable({"kind": "adapter"}, adapter_dir)
