@@ -57,7 +57,7 @@ class ClassifierServer:
         self.plan = resolve_plan(self.cfg)
         mask = bind_cores(self.cfg)
         t0 = time.time()
-        with log_buffers_kept(), collector_paused():  # and frozen after: Serve's own collection then skips it all
+        with log_buffers_kept(), collector_paused():
             if preloads(self.cfg):  # before this process imports anything heavy (serve_app/engine_preload.py)
                 with engine_on_its_cores(mask):
                     start_server()  # on the engine's cores, which the engine's process inherits from it

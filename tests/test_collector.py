@@ -22,16 +22,20 @@ class Cycle:
         self.me = self
 
 
-def test_paused_inside_then_on_again_with_everything_alive_frozen():
+def test_paused_inside_then_on_again_with_the_imports_frozen_and_the_rest_collectable():
     gc.enable()
     with collector_paused():
         assert not gc.isenabled()
         before = weakref.ref(Cycle())  # unreachable at once, like what imports leave: frozen with them, kept
         freeze_imports()
+        kept = Cycle()  # alive on leaving (an engine): not frozen, collected once dropped
         after = weakref.ref(Cycle())  # unreachable after the imports: the last collection frees it
     assert gc.isenabled()
     assert after() is None
+    dropped = weakref.ref(kept)
+    del kept
     gc.collect()
+    assert dropped() is None
     assert before() is not None  # frozen: no collection scans it
 
 

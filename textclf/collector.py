@@ -7,8 +7,9 @@ CPU engine's start (bench/results/engine-start.md, "The garbage collector"). Wit
 imports and those objects frozen (`gc.freeze`: collections skip them from then on), neither happens.
 
 Freezing keeps what the imports left unreachable (~14,000 objects, against ~1,000,000 kept) for the process's life:
-collecting it first would cost a full scan (~0.4 s). Ray Serve and vLLM's EngineCore freeze their heaps the same way
-once started.
+collecting it first would cost a full scan (~0.4 s). Only the imports are frozen here, not the engine: Ray Serve (after
+a replica's constructor) and vLLM's EngineCore (after its build, undone when it shuts down) freeze their heaps
+themselves, and an engine built and dropped in one process must stay collectable.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ from typing import Iterator
 
 @contextmanager
 def collector_paused() -> Iterator[None]:
-    """No automatic collection inside; on leaving, what is still unreachable is collected (call freeze_imports()
-    after the imports inside, so that this scans only what came after), everything alive is frozen, and the collector
-    is on again if it was. Nested uses leave it off until the outermost ends."""
+    """No automatic collection inside; on leaving, what is unreachable is collected (call freeze_imports() after the
+    imports inside, so that this scans only what came after) and the collector is on again if it was. Nested uses
+    leave it off until the outermost ends."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         gc.collect()
-        gc.freeze()
         if enabled:
             gc.enable()
 
