@@ -1,5 +1,6 @@
-"""textclf/collector.py: Python's collector paused while a process imports vLLM and builds an engine, its objects
-frozen after (tests/test_engine_preload.py checks the engine server's, serve_app/engine_server.py)."""
+"""textclf/collector.py: Python's collector paused while a process imports vLLM and builds an engine, the imports'
+objects frozen, the rest left collectable (tests/test_engine_preload.py checks the engine server's,
+serve_app/engine_server.py)."""
 
 import gc
 import weakref
