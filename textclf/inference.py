@@ -3,7 +3,8 @@
 When every label starts with its own token (checked under the model's tokenizer), one engine step scores all
 labels at once (`logprob_token_ids`) and the probabilities are a softmax over the labels' first tokens. vLLM returns
 at most 128 token ids per request: a larger label set is scored by one request per 128 labels on the same prompt,
-which the engine runs in the same step (the prompt's cached prefix shared).
+each of which computes the prompt's text (only the shared instruction's full cache blocks are reused), so 129-256
+labels cost twice the engine time of 128 (bench/results/chaos-admission-latency.md, "Many labels").
 Otherwise decoding is constrained to the label strings (structured `choice`) and the probability is that of
 the chosen label's tokens. Free generation followed by parsing is never used.
 Shared by the evaluation job (offline `LLM`) and the Serve app (`AsyncLLM`); the model kinds (textclf.kinds) pick
