@@ -27,6 +27,7 @@ WORKER_ENV = {
     "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
     "PYTHONPATH": str(PROJECT_ROOT),
 }
+WORKER_SETUP_HOOK = "ray_jobs.console.quiet_ray_workers"  # run by every worker of the job
 
 
 def setup_logging() -> None:
@@ -42,32 +43,48 @@ def log_to_run(cfg: Config, run_dir: Path) -> None:
 
 
 def init_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS (set by `ray job submit`) or start an embedded single-node Ray."""
+    """Join the configured cluster (--ray-address, else RAY_ADDRESS, which `ray job submit` sets) or start an embedded
+    single-node Ray."""
     import ray
 
     if ray.is_initialized():
         return
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)  # the local raylet's workers inherit this
+    paths = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p]
+    if str(PROJECT_ROOT) not in paths:  # the user's own path kept, the project's added (bench/ is not installed)
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    # Under `ray job submit` Ray refuses env var keys that the job's runtime env already sets: leave those to it.
-    job_runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
-    job_env = job_runtime_env.get("env_vars") or {}
-    env: dict = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}}
-    if "worker_process_setup_hook" not in job_runtime_env:  # Ray refuses a second, different hook
-        env["worker_process_setup_hook"] = "ray_jobs.console.quiet_ray_workers"
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=True)
     else:
         # Ray starts workers at nice 15; on a workstation the job is the foreground work, so it gets a fair share
         # of the cores against whatever else runs (read when the raylet starts).
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # No job runtime env: with one, an actor never starts on the workers Ray prestarts at init and waits ~1 s for
+        # a process of its own (bench/results/eval-actor-cost.md). The new raylet's workers inherit this environment,
+        # the setup hook included; "local" never joins a cluster that `ray start` left running.
+        from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR  # what a runtime env's hook sets
+
+        os.environ.setdefault(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, WORKER_SETUP_HOOK)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     if not cfg.run.verbose:  # Ray Data's progress every few seconds says nothing the step's own lines do not
         import ray.data
 
         ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("ray resources: %s", ray.cluster_resources())
+
+
+def cluster_runtime_env() -> dict:
+    """The job's runtime env on a cluster, whose workers do not inherit the driver's environment. Under `ray job
+    submit` Ray refuses env var keys, and a second hook, that the job's runtime env already sets: those are left to
+    it."""
+    job_runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    job_env = job_runtime_env.get("env_vars") or {}
+    env: dict = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}}
+    if "worker_process_setup_hook" not in job_runtime_env:
+        env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
+    return env
 
 
 def start_run(cfg: Config, splits: Splits, trains: bool = False) -> Path:

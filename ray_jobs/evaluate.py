@@ -25,7 +25,7 @@ from textclf.abstain import check_target, choose_threshold, oos_label, parse_tar
 from textclf.config import Config, parse_args
 from textclf.data import Example
 from textclf.export import META_FILE, read_meta, update_meta
-from textclf.inference import BatchClassifier, engine_threads
+from textclf.inference import BatchClassifier
 from textclf.metrics import abstain_figures, abstained, calibration, compute_metrics, write_report
 from textclf.models import resolve_model
 
@@ -87,7 +87,6 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
         compute=ray.data.ActorPoolStrategy(size=1),  # Ray 2.51 deprecated concurrency=
         num_cpus=e.eval_num_cpus,
         num_gpus=e.eval_num_gpus,
-        **engine_process_env(e),
     ).take_all()
     elapsed = time.time() - start
     by_row = {(str(r["split"]), int(r["row"])): r for r in rows}
@@ -168,14 +167,6 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, Any]:
     except Exception as exc:
         log.warning("MLflow logging failed: %s", exc)
     return {**metrics, **extra, "report_dir": str(out_dir)}
-
-
-def engine_process_env(e) -> dict[str, Any]:
-    """The evaluation actor starts with one OpenMP thread per core its engine binds. Ray would give it
-    OMP_NUM_THREADS=eval_num_cpus (1), which halved the generative engine's speed on 2 cores
-    (bench/results/engine-start.md); OpenMP reads the variable once, at process start."""
-    threads = engine_threads(e.cpu_threads_bind) if not e.eval_num_gpus else None
-    return {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}}} if threads else {}
 
 
 def report_dir(cfg: Config, run_dir: Path, model: Path) -> Path:

@@ -62,6 +62,15 @@ def test_predictions_are_labels_with_probabilities(pipeline_run):
         assert 0.0 < p["probability"] <= 1.0 and isinstance(p["abstained"], bool)
 
 
+def test_the_evaluation_engine_computes_on_every_core(pipeline_run):
+    """Ray gives the one-CPU evaluation actor OMP_NUM_THREADS=1: its engine, bound to every core, sets its own count
+    before torch loads OpenMP (vLLM logs the torch threads it keeps)."""
+    _, run, _ = pipeline_run
+    log = (run / "logs" / "pipeline.log").read_text()
+    kept = [line for line in log.splitlines() if "BatchClassifier" in line and "leaving Torch threads at" in line]
+    assert kept and all(f"leaving Torch threads at {os.cpu_count()} " in line for line in kept), kept
+
+
 def test_training_ran_on_two_workers_with_label_only_loss(pipeline_run):
     _, run, out = pipeline_run
     assert "[train] start: world_size 2" in out

@@ -271,11 +271,9 @@ def test_no_compile_on_cpu_unless_the_user_says_so(monkeypatch, value, disabled)
 
 def test_bound_engine_gets_a_thread_per_core(monkeypatch):
     """Ray's OMP_NUM_THREADS=1 (an actor's one reserved CPU) must not leave an engine bound to two cores on one
-    thread: the processes it starts get one per bound core, and the evaluation actor starts with as many; a binding
-    without a core list ("nobind") leaves the count alone."""
-    from ray_jobs.evaluate import engine_process_env
-    from textclf.config import load_config
-    from textclf.inference import bind_engine_cores, engine_threads
+    thread; a binding without a core list ("nobind") leaves the count alone. That the evaluation actor's engine gets
+    them is test_e2e's test_the_evaluation_engine_computes_on_every_core."""
+    from textclf.inference import bind_engine_cores
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
@@ -283,10 +281,6 @@ def test_bound_engine_gets_a_thread_per_core(monkeypatch):
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-1" and os.environ["OMP_NUM_THREADS"] == "2"
     bind_engine_cores("nobind")
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["OMP_NUM_THREADS"] == "2"
-    assert engine_threads("all") == os.cpu_count() and engine_threads("0,2,3") == 3 and engine_threads(None) is None
-    e = load_config().eval
-    assert engine_process_env(e) == {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count())}}}
-    assert engine_process_env(load_config(overrides={"eval_num_gpus": "1"}).eval) == {}
 
 
 def test_engine_processes_start_on_the_engine_cores_and_the_replica_leaves_them():

@@ -271,21 +271,13 @@ def cores_of(mask: Optional[str]) -> set[int]:
 
 
 def bind_engine_cores(bind: str) -> None:
-    """Bind vLLM's CPU engine to `bind` (VLLM_CPU_OMP_THREADS_BIND), and give the engine processes it starts one
-    OpenMP thread per bound core: Ray sets OMP_NUM_THREADS to an actor's CPU reservation, and vLLM keeps torch at
-    that count (bench/results/engine-start.md). An engine in this process needs the count at process start
-    (engine_threads): OpenMP reads it once, for every thread."""
+    """Bind vLLM's CPU engine to `bind` (VLLM_CPU_OMP_THREADS_BIND), and give it one OpenMP thread per bound core:
+    Ray sets OMP_NUM_THREADS to an actor's CPU reservation, and vLLM keeps torch at that count
+    (bench/results/engine-start.md). OpenMP reads it once, for every thread, when torch loads it: an engine in this
+    process gets the count only if set before torch is imported, the engine processes it starts always."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
     if threads := len(cores_of(bind)):
         os.environ["OMP_NUM_THREADS"] = str(threads)
-
-
-def engine_threads(cpu_threads_bind: Optional[str]) -> Optional[int]:
-    """The OpenMP threads an evaluation engine bound by `cpu_threads_bind` computes on ("all": this machine's
-    cores); None when it binds no list of cores."""
-    if cpu_threads_bind == "all":
-        return os.cpu_count()
-    return len(cores_of(cpu_threads_bind)) or None
 
 
 def bind_engine_threads(cpu_threads_bind: Optional[str]) -> None:
@@ -331,6 +323,7 @@ class BatchClassifier:
         adapter_dir: Optional[str],
         cpu_threads_bind: Optional[str],
     ) -> None:
+        bind_engine_threads(cpu_threads_bind)  # before torch loads OpenMP, which reads OMP_NUM_THREADS then
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -340,7 +333,6 @@ class BatchClassifier:
         kind = kind_of(meta)
         if adapter_dir:
             kind.check_servable({"kind": "adapter"}, adapter_dir)
-        bind_engine_threads(cpu_threads_bind)
         engine_in_one_process()
         no_compile_on_cpu()
         self.fmt = PromptFormat.from_dict(meta["prompt"])
