@@ -51,9 +51,6 @@ def init_ray(cfg: Config) -> None:
         return
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)  # the local raylet's workers inherit this
-    paths = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p]
-    if str(PROJECT_ROOT) not in paths:  # the user's own path kept, the project's added (bench/ is not installed)
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=True)
@@ -64,6 +61,9 @@ def init_ray(cfg: Config) -> None:
         # No runtime env: Ray prepares one before each worker starts, which kept the evaluation actor from its
         # constructor 0.4 s longer (bench/results/eval-actor-cost.md). The new raylet's workers inherit this
         # environment, the setup hook included; "local" never joins a cluster that `ray start` left running.
+        paths = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p]
+        if str(PROJECT_ROOT) not in paths:  # the user's own path kept, the project's added (bench/ is not installed)
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
         from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR  # what a runtime env's hook sets
 
         os.environ.setdefault(WORKER_PROCESS_SETUP_HOOK_ENV_VAR, WORKER_SETUP_HOOK)
