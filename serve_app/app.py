@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from serve_app.api import create_api
 from serve_app.autoscaling import UNSERVED
@@ -27,6 +28,7 @@ from serve_app.engine import VllmEngine
 from serve_app.engine_preload import engine_from_server, preloads, start_server
 from serve_app.inline_engine import InlineEngine
 from serve_app.metrics import serve_metrics
+from serve_app.replica_gate import Door, open_door
 from serve_app.replica_logs import log_buffers_kept
 from textclf.collector import collector_paused
 from textclf.serving import (
@@ -67,6 +69,8 @@ class ClassifierServer:
             self.metrics = serve_metrics()  # in the replica: Serve's metric classes tag it with the replica's name
             self.metrics.limit(self.classifiers.admission.limit)
             self.classifiers.admission.on_change = self.metrics.limit
+            door = Door(self.classifiers.admission, max_ongoing_requests, self.cfg.retry_after_s, self.metrics.refused)
+            open_door(door)  # the refusal on the replica's own port (serve_app/replica_gate.py)
             log.info(
                 "textclf: engine %s ready in %.1fs (%s, classifiers %s, cores %s)",
                 self.plan.engine_model,
@@ -102,6 +106,15 @@ class ClassifierServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def max_ongoing_requests() -> Optional[int]:
+    """Serve's max_ongoing_requests of this replica, as last (re)configured; None outside a replica. Ray 2.60's
+    ReplicaContext keeps the deployment config private."""
+    try:
+        return serve.get_replica_context()._deployment_config.max_ongoing_requests
+    except (RayServeException, AttributeError):  # not in a replica, or a Ray that moved it: no cap
+        return None
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

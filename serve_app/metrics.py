@@ -54,6 +54,11 @@ class AppMetrics:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
         self.latency.observe(seconds, tags={"endpoint": endpoint})
 
+    def refused(self, endpoint: str, n: int) -> None:
+        """n requests refused at the replica's door (serve_app/replica_gate.py): counted as 429s, their latency not
+        observed."""
+        self.requests.inc(n, tags={"endpoint": endpoint, "status": "429"})
+
     def results(self, results: Iterable[dict[str, Any]]) -> None:
         """One record per (model, label) of the answer, not per text: a batch of 64 is 64 texts."""
         labels, truncated = Tally(), Tally()

@@ -6,9 +6,9 @@ proxy), a request past `http_options.request_timeout_s` (408), an unexpected fai
 error shapes from one service. Serve runs the middlewares that `RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` names
 around the HTTP servers it starts in its proxies and in replicas with direct ingress (ray.serve._private.http_util,
 configure_http_middlewares); serve_app.local.SERVE_ERRORS_ENV names `middlewares` below, so those answers keep their
-status and headers and get the API's body. Refusing there stays as cheap as Serve made it: the app's own refusal goes
-through Serve's whole request path, which under an overload on a replica's port cost lost requests
-(bench/results/chaos-*-s14-*.md).
+status and headers and get the API's body. Outside it `middlewares` puts the replica's door
+(serve_app/replica_gate.py), which refuses an overload's classify requests before Serve's request path: the app's
+own refusal, after that path, cost lost requests under an overload on a replica's port (bench/results/chaos-*-s14-*.md).
 
 Light imports only: Serve calls this as each proxy and replica starts its server.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.replica_gate import AdmissionGate
 from textclf.serving.errors import encode_json, error_body
 
 
@@ -66,4 +67,4 @@ async def send_json(start: dict[str, Any], text: bytes, send: Send) -> None:
 
 def middlewares() -> list[Middleware]:
     """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH calls (serve_app.serve_errors:middlewares)."""
-    return [Middleware(JsonServeErrors)]
+    return [Middleware(JsonServeErrors), Middleware(AdmissionGate)]  # the last is outermost: the gate refuses first

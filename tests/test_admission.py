@@ -144,6 +144,17 @@ def test_an_idle_replica_admits_any_request_and_a_busy_one_up_to_the_limit():
     assert a.admits(3, 1) and not a.admits(3, 2) and not a.admits(4, 1)
 
 
+def test_a_callers_cap_bounds_it_too_and_its_refusals_are_demand():
+    """The replica's door passes Serve's max_ongoing_requests (serve_app/replica_gate.py)."""
+    clock = Clock()
+    a = after_an_idle_answer(clock)  # limit 64, target 1 s
+    a.unserved()
+    assert a.admits(3, 1, cap=4) and not a.admits(4, 1, cap=4) and a.admits(0, 1, cap=0)
+    assert a.admits(63, 1, cap=100) and not a.admits(64, 1, cap=100)  # the limit still binds under a higher cap
+    clock.now += 1.0
+    assert a.unserved() == 2.0  # both refusals: requests turned away that autoscaling should see
+
+
 def test_the_target_is_never_under_twice_the_fastest_answer():
     clock = Clock()
     a = AdaptiveLimit(64, 1.0, start=64, clock=clock)

@@ -57,10 +57,11 @@ class AdaptiveLimit:
             return None
         return max(self.target_s, self.tolerance * self.fastest) if self.fastest < math.inf else self.target_s
 
-    def admits(self, inflight: int, n: int) -> bool:
-        """Whether n more texts may start beside `inflight`; a refusal counts as demand beyond the limit."""
+    def admits(self, inflight: int, n: int, cap: Optional[int] = None) -> bool:
+        """Whether n more texts may start beside `inflight`, within the limit and within `cap` (a bound of the
+        caller's: Serve's requests per replica); a refusal counts as demand beyond the limit."""
         self._review()
-        if inflight == 0 or inflight + n <= self.limit:
+        if inflight == 0 or inflight + n <= (self.limit if cap is None else min(self.limit, cap)):
             return True
         self._turned_away = True
         self._refused += 1  # requests, as Serve counts those in progress
