@@ -58,8 +58,9 @@ def test_json_errors_and_answers_pass_untouched():
 
 
 def test_serve_builds_its_servers_middlewares_from_the_serving_environment():
-    """What Serve does as a proxy or a replica starts its HTTP server, under SERVE_ERRORS_ENV (in a subprocess:
-    importing ray.serve here would fix its settings for the serve tests)."""
+    """What Serve does as a proxy or a replica starts its HTTP server, under SERVE_ERRORS_ENV: the JSON middleware, and
+    the replica's door outside it (in a subprocess: importing ray.serve here would fix its settings for the serve
+    tests)."""
     code = (
         "from ray.serve._private.http_util import configure_http_middlewares; from ray.serve.config import "
         "HTTPOptions; print([m.cls.__name__ for m in configure_http_middlewares(HTTPOptions()).middlewares])"
@@ -68,5 +69,5 @@ def test_serve_builds_its_servers_middlewares_from_the_serving_environment():
         [sys.executable, "-c", code], env={**os.environ, **SERVE_ERRORS_ENV}, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['JsonServeErrors']"
+    assert out.stdout.strip().splitlines()[-1] == "['JsonServeErrors', 'AdmissionGate']"
     assert SERVE_ERRORS_ENV.items() <= BASE_ENV.items()
