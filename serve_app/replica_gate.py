@@ -8,12 +8,11 @@ refusing as answering: refusals waited up to a second there, accepted requests a
 
 `AdmissionGate` is the outermost of the middlewares Serve runs around the replica's HTTP server
 (serve_app/serve_errors.py `middlewares`). It counts the classify requests it let in, each until its answer ends
-(when HAProxy gives the replica its next one), and answers the next one 429
-with Retry-After, in the API's JSON, at once, without reading its body, when the replica holds Serve's
-`max_ongoing_requests` of them (more would only wait in Serve's queue) or as many as its admission limit allows
-texts (textclf/serving/admission.py; a request carries one text at least, so the app still weighs a batch). The
-deployment opens the `Door` as its replica starts (serve_app/app.py); without one (Serve's Python proxy, which runs
-the same middlewares) every request passes.
+(when HAProxy gives the replica its next one), and answers the next one 429 with Retry-After, in the API's JSON, at
+once, without reading its body, when the replica holds Serve's `max_ongoing_requests` of them (more would only wait
+in Serve's queue) or as many as its admission limit allows texts (textclf/serving/admission.py; a request carries
+one text at least, so the app still weighs a batch). The deployment opens the `Door` as its replica starts
+(serve_app/app.py); without one (Serve's Python proxy, which runs the same middlewares) every request passes.
 
 Light imports only: Serve builds this as each proxy and replica starts its server.
 """
