@@ -64,8 +64,9 @@ class AdmissionGate:
         endpoint = next((p for p in CLASSIFY_PATHS if scope["path"].endswith(p)), None)
         if endpoint is None:
             return await self.app(scope, receive, send)
-        if not door.admission.admits(self.held, 1, cap=door.max_ongoing()):
-            return await self.refuse(door, endpoint, send)
+        cap = door.max_ongoing()
+        if not door.admission.admits(self.held, 1, cap=cap):
+            return await self.refuse(door, cap, endpoint, send)
         self.held += 1
         answered = False
 
@@ -82,8 +83,8 @@ class AdmissionGate:
             if not answered:
                 self.held -= 1
 
-    async def refuse(self, door: Door, endpoint: str, send: Send) -> None:
-        exc = refusal(self.held, door.admission.limit, door.max_ongoing())
+    async def refuse(self, door: Door, cap: Optional[int], endpoint: str, send: Send) -> None:
+        exc = refusal(self.held, door.admission.limit, cap)
         body = encode_json(error_body(exc.status, exc.message, None, exc.detail))
         headers = [
             (b"content-type", b"application/json"),
