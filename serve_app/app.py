@@ -84,7 +84,7 @@ class ClassifierServer:
         if self.cfg.engine.process == "inline":
             return InlineEngine(self.plan, self.cfg, tokenizer)  # its thread binds its own cores as it builds it
         if preloads(self.cfg):
-            with engine_from_server():  # forked from the server started above, on the engine's cores
+            with engine_from_server(self.cfg.engine.nice):  # forked from the server above, on the engine's cores
                 return VllmEngine(self.plan, self.cfg, tokenizer)
         with engine_on_its_cores(mask):  # spawned: the engine's process inherits the cores of the call
             return VllmEngine(self.plan, self.cfg, tokenizer)

@@ -33,7 +33,10 @@ ENGINE_MODULES = [
 
 class EnvironProcess(ForkServerProcess):
     """A forkserver child with the environment its parent had when it started it, as spawn gives: a forkserver's
-    children otherwise inherit the server's, and vLLM sets variables for its engine just before it starts it."""
+    children otherwise inherit the server's, and vLLM sets variables for its engine just before it starts it. Its
+    niceness is raised by `nice` (set by EnvironContext) before it runs anything: the threads it starts inherit it."""
+
+    nice = 0
 
     def start(self) -> None:
         self._environ = dict(os.environ)
@@ -48,11 +51,21 @@ class EnvironProcess(ForkServerProcess):
             pass
         os.environ.clear()
         os.environ.update(self._environ)
+        if self.nice:
+            os.nice(self.nice)
         super().run()
 
 
 class EnvironContext(ForkServerContext):
-    Process = EnvironProcess
+    """The context vLLM starts its engine's processes from (engine_from_server), each an EnvironProcess `nice`."""
+
+    def __init__(self, nice: int = 0):
+        self.nice = nice
+
+    def Process(self, *args, **kwargs) -> EnvironProcess:  # noqa: N802 (multiprocessing's name)
+        process = EnvironProcess(*args, **kwargs)
+        process.nice = self.nice
+        return process
 
 
 def preloads(cfg: ServeConfig) -> bool:
@@ -68,12 +81,12 @@ def start_server(modules: Sequence[str] = ("serve_app.engine_server",)) -> None:
 
 
 @contextmanager
-def engine_from_server() -> Iterator[None]:
-    """vLLM starts its engine processes from the forkserver while inside (start_server first)."""
+def engine_from_server(nice: int = 0) -> Iterator[None]:
+    """vLLM starts its engine processes from the forkserver while inside (start_server first), `nice` above it."""
     import vllm.v1.engine.utils as engine_utils
 
     spawning = engine_utils.get_mp_context
-    engine_utils.get_mp_context = EnvironContext
+    engine_utils.get_mp_context = lambda: EnvironContext(nice)
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 CHILD = r"""
-import json, os, sys
+import json, os, sys, threading
 from multiprocessing import Pipe
 from multiprocessing.forkserver import _forkserver
 
@@ -25,8 +25,13 @@ def report(conn):
     setproctitle.setproctitle("VLLM::Probe")  # as vLLM names its engine process
     with open("/proc/self/comm") as f:
         comm = f.read().strip()
+    started = []  # the niceness of a thread this process starts
+    t = threading.Thread(target=lambda: started.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    t.start()
+    t.join()
     conn.send({"late": os.environ.get("TEXTCLF_LATE"), "gone": os.environ.get("TEXTCLF_GONE"), "ppid": os.getppid(),
-               "affinity": sorted(os.sched_getaffinity(0)), "comm": comm, "json": "json" in sys.modules})
+               "affinity": sorted(os.sched_getaffinity(0)), "comm": comm, "json": "json" in sys.modules,
+               "nice": os.nice(0), "thread_nice": started[0]})
 
 
 if __name__ == "__main__":
@@ -38,11 +43,13 @@ if __name__ == "__main__":
     os.environ["TEXTCLF_LATE"] = "set after the server started"
     del os.environ["TEXTCLF_GONE"]
     parent, child = Pipe()
-    p = EnvironContext().Process(target=report, args=(child,))
+    p = EnvironContext(nice=3).Process(target=report, args=(child,))
     p.start()
     out = parent.recv()
     p.join(30)
-    print(json.dumps({**out, "me": os.getpid(), "server": _forkserver._forkserver_pid, "exitcode": p.exitcode}))
+    server = _forkserver._forkserver_pid
+    print(json.dumps({**out, "me": os.getpid(), "server": server, "exitcode": p.exitcode, "my_nice": os.nice(0),
+                      "server_nice": os.getpriority(os.PRIO_PROCESS, server)}))
 """
 
 
@@ -64,6 +71,8 @@ def test_a_child_has_its_parents_environment_at_start_and_the_servers_cores(tmp_
     assert out["affinity"] == [min(os.sched_getaffinity(0))]  # the server's cores (the engine's, in a replica)
     assert out["comm"] == "VLLM::Probe"  # setproctitle still names the process after its environment is replaced
     assert out["json"]  # imported by the server before the fork
+    assert out["nice"] == out["thread_nice"] == out["my_nice"] + 3  # below its parent, and so are its threads
+    assert out["server_nice"] == out["my_nice"]  # the parent and the server keep theirs
 
 
 SERVER_CHILD = r"""
@@ -106,7 +115,8 @@ def test_vllm_starts_its_engine_processes_from_the_context_it_is_given():
 
     assert "get_mp_context()" in inspect.getsource(engine_utils.CoreEngineProcManager.__init__)
     spawning = engine_utils.get_mp_context
-    with engine_from_server():
+    with engine_from_server(nice=7):
         ctx = engine_utils.get_mp_context()
         assert isinstance(ctx, EnvironContext) and ctx.get_start_method() == "forkserver"
+        assert ctx.Process(target=print).nice == 7
     assert engine_utils.get_mp_context is spawning

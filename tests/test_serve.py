@@ -16,8 +16,10 @@ import time
 
 import httpx
 import pytest
+import yaml
 from support import INLINE_ENGINE, ONE_REPLICA, TEST_ARGS, deployed, run_app
 
+from serve_app.app import DEFAULT_CONFIG
 from serve_app.local import our_vllm_processes
 
 pytestmark = pytest.mark.e2e
@@ -118,6 +120,12 @@ def test_the_engine_process_is_forked_from_the_preloaded_server(served):
     assert os.sched_getaffinity(engines[0].pid) == os.sched_getaffinity(server.pid)
     if len(os.sched_getaffinity(0)) > 1:  # the replica's threads moved off the engine's cores
         assert not os.sched_getaffinity(engines[0].pid) & os.sched_getaffinity(replica)
+    # engine.nice (serve_app/config.yaml): every thread of the engine's below the replica and its server
+    nice = yaml.safe_load(DEFAULT_CONFIG.read_text())["applications"][0]["args"]["engine"]["nice"]
+    assert nice > 0 and os.getpriority(os.PRIO_PROCESS, server.pid) == os.getpriority(os.PRIO_PROCESS, replica)
+    below = min(19, os.getpriority(os.PRIO_PROCESS, replica) + nice)
+    threads = {t.id: os.getpriority(os.PRIO_PROCESS, t.id) for t in engines[0].threads()}
+    assert len(threads) > 1 and set(threads.values()) == {below}, threads
 
 
 def test_long_text_is_truncated(app, labels):

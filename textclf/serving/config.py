@@ -30,6 +30,15 @@ class EngineOptions(BaseModel):
         description="CPU, separate: the EngineCore process is forked from a server that imports vLLM while the "
         "replica does, instead of spawned after it (serve_app/engine_preload.py); false: vLLM's own spawn",
     )
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU, separate with preload: how far the engine's process is niced below the replica (0-19). "
+        "Where the replica's HTTP server shares cores with an engine, it then runs first: its door refuses an "
+        "overload at once instead of after the engine's compute (serve_app/README.md, 'The engine's niceness'); "
+        "0: equal",
+    )
     stats: bool = Field(
         True,
         description="vLLM's engine statistics (queue, KV cache, token and latency histograms) as Ray metrics "
