@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from bench import cpu_share
 from bench.chaos_client import LoopLag, RetryingClient, last_failure, latencies, open_loop, percentiles_ms, tally
 from bench.loadtest import RESULTS, measure, test_texts, textclf_target
 from bench.serve_compare import SERVE_ARG_HELP, classifier_folder, serve_args_from
@@ -238,6 +239,7 @@ class Run:
         self._checked = (float("-inf"), False)  # (t, verdict): the stop test runs per request, the check twice a second
         self.lag = LoopLag()
         self.probed: Optional[dict] = None  # what bench.chaos_probe saw through the overload
+        self.cpu: Optional[dict] = None  # bench.cpu_share over the overload
 
     def urls(self, watch: ReplicaWatch) -> Callable[[], list[str]]:
         proxy = [self.cluster.proxy_url]
@@ -297,6 +299,7 @@ class Run:
             shower = asyncio.ensure_future(self.progress(watch, client))
             lagger = asyncio.ensure_future(self.lag.run(client.t0))
             prober = await self.start_probe(watch, client.t0) if self.sc.fault is None and self.a.probe_rate else None
+            sharer = await self.start_cpu_share(client.t0) if self.sc.fault is None else None
             requests = await open_loop(client, self.plan.rate_at, lambda t: self.done(watch, client, t))
             shower.cancel()
             lagger.cancel()
@@ -304,16 +307,27 @@ class Run:
             wall = time.perf_counter() - client.t0
             if prober is not None:
                 self.probed = json.loads((await prober.communicate())[0] or b"null")
+            if sharer is not None:
+                self.cpu = json.loads((await sharer.communicate())[0] or b"null")
             return requests, wall
+
+    def overload_window(self, t0: float) -> list[str]:
+        """--start-at and --duration of the overload, for a process of its own (the client's started at `t0`)."""
+        start_at = time.time() + self.plan.fault_at - (time.perf_counter() - t0)
+        return ["--start-at", str(start_at), "--duration", str(self.plan.overload_s)]
 
     async def start_probe(self, watch: ReplicaWatch, t0: float) -> asyncio.subprocess.Process:
         """bench.chaos_probe in its own process (it inherits the client's priority), probing through the overload."""
-        start_at = time.time() + self.plan.fault_at - (time.perf_counter() - t0)
-        cmd = [sys.executable, "-m", "bench.chaos_probe", "--start-at", str(start_at)]
-        cmd += ["--duration", str(self.plan.overload_s), "--rate", str(self.a.probe_rate)]
+        cmd = [sys.executable, "-m", "bench.chaos_probe", *self.overload_window(t0), "--rate", str(self.a.probe_rate)]
         cmd += ["--timeout", str(self.a.timeout), "--text", json.loads(self.bodies[0])["text"]]
         for url in self.urls(watch)():
             cmd += ["--url", url]
+        return await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+
+    async def start_cpu_share(self, t0: float) -> asyncio.subprocess.Process:
+        """bench.cpu_share in its own process (its two reads of /proc would stall the client's loop): where the
+        CPU went through the overload, and who waited for a core."""
+        cmd = [sys.executable, "-m", "bench.cpu_share", *self.overload_window(t0), "--client", str(os.getpid())]
         return await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
 
     def execute(self) -> dict[str, Any]:
@@ -353,12 +367,14 @@ class Run:
             "replicas": lives,
         }
         if self.sc.fault is None:
+            seen = latencies(requests, p.fault_at, p.fault_end)
             out["overload"] = {
                 "rate": p.overload_rate,
                 "seconds": p.overload_s,
-                **latencies(requests, p.fault_at, p.fault_end),
+                **seen,
                 "client_loop_lag": self.lag.summary(p.fault_at, p.fault_end),
                 "probe": self.probed,
+                "cpu_by_process": self.cpu and cpu_share.per_request(self.cpu, seen["accepted"]["n"]),
             }
         if self.fault:  # the faulted replica's engines still running once service is back (before the app's deletion)
             out["victim_engines_alive_at_end"] = alive(self.fault["engines"])
@@ -485,6 +501,14 @@ def overload_table(row: dict) -> str:
         ]
     for name, s in rows:
         lines.append(f"| {name} | {s['n']} | {fmt(s['p50_ms'])} | {fmt(s['p99_ms'])} | {fmt(s['max_ms'])} |")
+    if o.get("cpu_by_process"):
+        lines += [
+            "",
+            "Where the CPU went meanwhile (bench.cpu_share; CPU ms per answer accepted in the window; waiting: the "
+            "process's threads ready to run with no core free, on average):",
+            "",
+            cpu_share.table(o["cpu_by_process"]),
+        ]
     return "\n".join(lines)
 
 

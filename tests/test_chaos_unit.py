@@ -263,6 +263,7 @@ def test_report_tables_and_goals():
             "accepted": {"n": 400, "p50_ms": 500.0, "p99_ms": 900.0, "max_ms": 950.0},
             "own_loop_lag": {"n": 5000, "p50_ms": 0.1, "p99_ms": 2.0, "max_ms": 5.0},
         },
+        "cpu_by_process": {"Serve replica": {"cpu_s": 30.0, "cores": 0.5, "waiting": 0.7, "ms_per_request": 3000.0}},
     }
     rows = [
         _row("engine_stopped", replacement_start_s=30.0, victim_engines_alive_at_end=[123], vllm_left=1),
@@ -290,7 +291,10 @@ def test_report_tables_and_goals():
         "overload: refusals p99 40.0 ms as the probe timed them (goal <= 100 ms; the load client, its own delay "
         "included: 120.0 ms), error answers not in the API's JSON 0 (goal 0)"
     ) in g
+    assert "| Serve replica | 0.5 | 3000.0 | 0.7 |" in o
     del rows[2]["overload"]["probe"]  # a run with --probe-rate 0
+    del rows[2]["overload"]["cpu_by_process"]  # bench.cpu_share printed nothing
+    assert "Where the CPU went" not in chaos.overload_table(rows[2])
     assert "probe" not in chaos.overload_table(rows[2])
     assert "refusals p99 - ms as the probe" in "\n".join(chaos.goals(rows))
     assert "engine_killed" not in g

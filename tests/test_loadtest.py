@@ -106,14 +106,49 @@ def test_measure_writes_json_and_plot(tmp_path):
 def test_cpu_shares_count_only_the_window():
     from bench.cpu_share import shares
 
-    before = {1: ("Serve replica", 10.0), 2: ("vLLM EngineCore", 5.0), 3: ("other", 1.0), 4: ("Serve proxy", 7.0)}
+    before = {
+        1: ("Serve replica", 10.0, 4.0),
+        2: ("vLLM EngineCore", 5.0, 1.0),
+        3: ("other", 1.0, 0.0),
+        4: ("Serve proxy", 7.0, 3.0),
+    }
     # pid 3 ended in the window, pid 5 started in it, pid 4 was reused by another role
-    after = {1: ("Serve replica", 12.0), 2: ("vLLM EngineCore", 6.0), 5: ("Ray daemons", 0.5), 4: ("other", 0.25)}
+    after = {
+        1: ("Serve replica", 12.0, 5.0),
+        2: ("vLLM EngineCore", 6.0, 4.0),
+        5: ("Ray daemons", 0.5, 0.0),
+        4: ("other", 0.25, 0.5),
+    }
     s = shares(before, after, wall_s=2.0, requests=100)
     assert list(s) == ["Serve replica", "vLLM EngineCore", "Ray daemons", "other", "all"]  # busiest first, then all
-    assert s["Serve replica"] == {"cpu_s": 2.0, "cores": 1.0, "ms_per_request": 20.0}
-    assert s["other"]["cpu_s"] == 0.25
-    assert s["all"]["cpu_s"] == 3.75 and s["all"]["ms_per_request"] == 37.5
+    assert s["Serve replica"] == {"cpu_s": 2.0, "cores": 1.0, "waiting": 0.5, "ms_per_request": 20.0}
+    assert s["vLLM EngineCore"]["waiting"] == 1.5  # 3 s of waiting in 2 s: two threads at once
+    assert s["other"]["cpu_s"] == 0.25 and s["other"]["waiting"] == 0.25
+    assert s["all"]["cpu_s"] == 3.75 and s["all"]["ms_per_request"] == 37.5 and s["all"]["waiting"] == 2.25
+
+
+def test_a_processs_wait_for_a_core_is_read_and_the_cli_prints_the_window():
+    import subprocess
+    import sys
+
+    from bench.cpu_share import waited_s
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.cpu_share", "--duration", "1.5", "--client", str(spin.pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        waited = waited_s(spin.pid)
+    finally:
+        spin.kill()
+    s = json.loads(out.stdout)
+    assert 0.2 < s["load client"]["cores"] <= 1.05 and s["load client"]["ms_per_request"] is None
+    assert s["all"]["cores"] >= s["load client"]["cores"] and s["all"]["waiting"] >= 0
+    assert waited >= 0 and waited_s(2**22 + 7) == 0.0  # no such process
 
 
 def test_cpu_share_names_serve_haproxy(tmp_path):
