@@ -57,7 +57,7 @@ class EnvironProcess(ForkServerProcess):
 
 
 class EnvironContext(ForkServerContext):
-    """The context vLLM starts its engine's processes from (engine_from_server), each an EnvironProcess `nice`."""
+    """The context vLLM starts its engine's processes from (engine_from_server): EnvironProcesses, niced by `nice`."""
 
     def __init__(self, nice: int = 0):
         self.nice = nice
@@ -82,7 +82,7 @@ def start_server(modules: Sequence[str] = ("serve_app.engine_server",)) -> None:
 
 @contextmanager
 def engine_from_server(nice: int = 0) -> Iterator[None]:
-    """vLLM starts its engine processes from the forkserver while inside (start_server first), `nice` above it."""
+    """vLLM starts its engine processes from the forkserver while inside (start_server first), niced by `nice`."""
     import vllm.v1.engine.utils as engine_utils
 
     spawning = engine_utils.get_mp_context
