@@ -300,6 +300,28 @@ def test_report_tables_and_goals():
     assert "engine_killed" not in g
 
 
+def test_the_overload_stays_under_the_load_clients_ceiling():
+    assert chaos.overload_rate(330.0, 3.0, 1000.0) == 990.0
+    assert chaos.overload_rate(748.0, 3.0, 1000.0) == 1000.0  # 3x would be 2,244
+    assert chaos.overload_rate(748.0, 3.0, 0.0) == 2244.0  # no ceiling
+    assert chaos.parse_args([]).client_ceiling == 1000.0
+    row = {
+        "ingress": "proxy",
+        "overload": {
+            "rate": 1000.0,
+            "seconds": 60,
+            "sustainable_rate": 748.0,
+            "wanted_rate": 2244.0,
+            "refused": {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None},
+            "accepted": {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None},
+        },
+    }
+    o = chaos.overload_table(row)
+    assert "1000 req/s offered for 60 s (1.3x the sustainable 748 req/s; 2244 req/s is past what the load client" in o
+    row["overload"]["rate"] = 2244.0
+    assert "past what" not in chaos.overload_table(row)
+
+
 def test_scenario_names_are_checked():
     assert chaos.parse_args(["--scenarios", "overload,engine_killed"]).scenarios == "overload,engine_killed"
     with pytest.raises(SystemExit):
