@@ -11,7 +11,7 @@
 # make autoscale-demo : load up and down, replica count over time from serve.status()
 # make chaos [MODEL=tiny-random-llama] [ARGS="--scenarios overload"] : faults under load (engine killed/stopped,
 #              replica killed, 3x overload through the proxy and on the replicas' ports), what a retrying client
-#              saw: bench/results/chaos-<model>.md (~25 min)
+#              saw: bench/results/chaos-<model>.md (~10 min)
 # All create or update the virtual environment first.
 
 VENV ?= .venv
