@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.serve_errors import answer_json
 from textclf.serving.admission import AdaptiveLimit
 from textclf.serving.errors import Overloaded, encode_json, error_body
 
@@ -86,13 +87,7 @@ class AdmissionGate:
     async def refuse(self, door: Door, cap: Optional[int], endpoint: str, send: Send) -> None:
         exc = refusal(self.held, door.admission.limit, cap)
         body = encode_json(error_body(exc.status, exc.message, None, exc.detail))
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(door.retry_after_s).encode()),
-        ]
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await answer_json(send, exc.status, body, [(b"retry-after", str(door.retry_after_s).encode())])
         if not self.pending:
             asyncio.get_running_loop().call_later(FLUSH_S, self.flush, door)
         self.pending[endpoint] += 1

@@ -21,7 +21,6 @@ from typing import Any
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.replica_gate import AdmissionGate
 from textclf.serving.errors import encode_json, error_body
 
 
@@ -57,14 +56,20 @@ class JsonServeErrors:
 async def send_json(start: dict[str, Any], text: bytes, send: Send) -> None:
     status = start["status"]
     message = text.decode("utf-8", "replace").strip() or HTTPStatus(status).phrase
-    payload = encode_json(error_body(status, message))
     dropped = (b"content-type", b"content-length", b"transfer-encoding")
-    headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() not in dropped]
-    headers += [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    kept = [(k, v) for k, v in start.get("headers") or [] if k.lower() not in dropped]
+    await answer_json(send, status, encode_json(error_body(status, message)), kept)
+
+
+async def answer_json(send: Send, status: int, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """A whole answer, `payload` being JSON, with `headers` besides its type and length."""
+    headers = [*headers, (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 
 def middlewares() -> list[Middleware]:
     """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH calls (serve_app.serve_errors:middlewares)."""
+    from serve_app.replica_gate import AdmissionGate  # it writes its refusals with answer_json above
+
     return [Middleware(JsonServeErrors), Middleware(AdmissionGate)]  # the last is outermost: the gate refuses first
