@@ -228,6 +228,16 @@ class Plan:
         return self.fault_at + self.overload_s
 
 
+async def beside(cmd: list[str]) -> asyncio.subprocess.Process:
+    """`cmd` from the project root, its output read by `printed`."""
+    return await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+
+
+async def printed(proc: Optional[asyncio.subprocess.Process]) -> Any:
+    """The JSON a process started by `beside` printed once it ends (None: no process, or nothing printed)."""
+    return json.loads((await proc.communicate())[0] or b"null") if proc is not None else None
+
+
 class Run:
     """One scenario's load, fault and recovery on a freshly deployed app."""
 
@@ -305,10 +315,7 @@ class Run:
             lagger.cancel()
             await injector
             wall = time.perf_counter() - client.t0
-            if prober is not None:
-                self.probed = json.loads((await prober.communicate())[0] or b"null")
-            if sharer is not None:
-                self.cpu = json.loads((await sharer.communicate())[0] or b"null")
+            self.probed, self.cpu = await printed(prober), await printed(sharer)
             return requests, wall
 
     def overload_window(self, t0: float) -> list[str]:
@@ -322,13 +329,13 @@ class Run:
         cmd += ["--timeout", str(self.a.timeout), "--text", json.loads(self.bodies[0])["text"]]
         for url in self.urls(watch)():
             cmd += ["--url", url]
-        return await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+        return await beside(cmd)
 
     async def start_cpu_share(self, t0: float) -> asyncio.subprocess.Process:
         """bench.cpu_share in its own process (its two reads of /proc would stall the client's loop): where the
         CPU went through the overload, and who waited for a core."""
         cmd = [sys.executable, "-m", "bench.cpu_share", *self.overload_window(t0), "--client", str(os.getpid())]
-        return await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+        return await beside(cmd)
 
     def execute(self) -> dict[str, Any]:
         from serve_app.app import DEPLOYMENT
