@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 
 from bench import cpu_share
 from bench.chaos_client import LoopLag, RetryingClient, last_failure, latencies, open_loop, percentiles_ms, tally
+from bench.lean_http import LeanSession
 from bench.loadtest import RESULTS, measure, test_texts, textclf_target
 from bench.serve_compare import SERVE_ARG_HELP, classifier_folder, serve_args_from
 
@@ -299,11 +300,7 @@ class Run:
             )
 
     async def drive(self, watch: ReplicaWatch) -> tuple[list, float]:
-        import aiohttp
-
-        connector = aiohttp.TCPConnector(limit=0)
-        timeout = aiohttp.ClientTimeout(total=self.a.timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with LeanSession(self.a.timeout) as session:
             client = RetryingClient(session, self.urls(watch), "/classify", self.bodies, self.a.retry_cap)
             injector = asyncio.ensure_future(self.inject(watch, client.t0))
             shower = asyncio.ensure_future(self.progress(watch, client))

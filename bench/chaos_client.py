@@ -92,8 +92,9 @@ def error_reason(answer: bytes, length: int = 48) -> str:
 
 
 class RetryingClient:
-    """POSTs bodies to `path` on the URLs `urls()` gives at the time (round robin), one retry per request (none with
-    retry=False: a probe that times each answer as it comes)."""
+    """POSTs bodies to `path` on the URLs `urls()` gives at the time (round robin) through `session`
+    (bench.lean_http.LeanSession), one retry per request (none with retry=False: a probe that times each answer as it
+    comes)."""
 
     def __init__(
         self,
@@ -123,11 +124,10 @@ class RetryingClient:
         sent = time.perf_counter()
         status, error, after, as_json, reason = None, "", None, True, ""
         try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
-                answer = await r.read()
-                status, after = r.status, retry_after(r.headers.get("Retry-After"))
-                as_json = r.headers.get("Content-Type", "").startswith("application/json")
-                reason = error_reason(answer) if status >= 400 else ""
+            answer = await self.session.post(url, body)
+            status, after = answer.status, retry_after(answer.headers.get("retry-after"))
+            as_json = answer.headers.get("content-type", "").startswith("application/json")
+            reason = error_reason(answer.body) if status >= 400 else ""
         except Exception as exc:  # refused, reset, timed out: no answer, whatever the kind
             error = type(exc).__name__
         return Attempt(sent - self.t0, time.perf_counter() - sent, status, error, after, url, as_json, reason)

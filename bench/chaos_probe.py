@@ -18,19 +18,16 @@ import time
 from typing import Any, Sequence
 
 from bench.chaos_client import LoopLag, RetryingClient, latencies, open_loop, tally
+from bench.lean_http import LeanSession
 
 
 async def probe(
     urls: Sequence[str], path: str, body: bytes, start_at: float, duration: float, rate: float, timeout: float
 ) -> dict[str, Any]:
     """One attempt every 1/rate s from `start_at` (time.time()) for `duration` s, whatever the answers."""
-    import aiohttp
-
     await asyncio.sleep(max(0.0, start_at - time.time()))
     lag = LoopLag()
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=timeout)
-    ) as session:
+    async with LeanSession(timeout) as session:
         client = RetryingClient(session, lambda: urls, path, [body], retry=False)
         lagger = asyncio.ensure_future(lag.run(client.t0))
         requests = await open_loop(client, lambda t: rate, lambda t: t >= duration)

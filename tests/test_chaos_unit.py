@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import aiohttp
 import pytest
 from aiohttp import web
 from support import classify_stub
@@ -29,6 +28,7 @@ from bench.chaos_client import (
     should_retry,
     tally,
 )
+from bench.lean_http import LeanSession
 from serve_app.local import free_port
 
 
@@ -53,7 +53,7 @@ def _run(urls_of_servers, statuses_per_server, n=1, retry_cap=0.2, dead=0, timeo
         servers = [await _server(s) for s in statuses_per_server]
         urls = urls_of_servers([u for _, u, _ in servers], [f"http://127.0.0.1:{free_port()}" for _ in range(dead)])
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            async with LeanSession(timeout) as session:
                 client = RetryingClient(session, lambda: urls, "/classify", [b'{"text": "hi"}'], retry_cap)
                 reqs = [await client.request(i) for i in range(n)]
         finally:
@@ -66,7 +66,7 @@ def _run(urls_of_servers, statuses_per_server, n=1, retry_cap=0.2, dead=0, timeo
 
 def test_outcomes_and_when_to_retry():
     assert [outcome(s) for s in (200, 204, 404, 503, None)] == ["ok", "ok", "refused", "refused", "lost"]
-    assert should_retry(Attempt(0, 0, None, "ClientConnectorError")) and should_retry(Attempt(0, 0, 503))
+    assert should_retry(Attempt(0, 0, None, "ConnectionRefusedError")) and should_retry(Attempt(0, 0, 503))
     assert should_retry(Attempt(0, 0, 429)) and not should_retry(Attempt(0, 0, 500))
     assert not should_retry(Attempt(0, 0, 413)) and not should_retry(Attempt(0, 0, 200))
     assert retry_after("2") == 2.0 and retry_after("Wed, 21 Oct 2015 07:28:00 GMT") is None
@@ -96,7 +96,7 @@ def test_a_refused_connection_is_retried_on_another_url():
     assert all(r.final.kind == "ok" for r in reqs) and seen == [6]
     failed_first = [r for r in reqs if r.first.kind == "lost"]
     assert len(failed_first) == 3  # round robin over one dead URL and one live one
-    assert all(r.first.error == "ClientConnectorError" and r.final.url != r.first.url for r in failed_first)
+    assert all(r.first.error == "ConnectionRefusedError" and r.final.url != r.first.url for r in failed_first)
 
 
 def test_no_answer_twice_is_lost():
@@ -113,7 +113,7 @@ def test_no_answer_twice_is_lost():
         "final_failures": None,
         "not_json": 0,
     }
-    assert tally(reqs)["final_failures"] == {"ClientConnectorError": 2}
+    assert tally(reqs)["final_failures"] == {"ConnectionRefusedError": 2}
 
 
 def test_an_error_answer_outside_the_apis_json_is_counted():
@@ -123,7 +123,7 @@ def test_an_error_answer_outside_the_apis_json_is_counted():
 
         runner, url = await classify_stub(plain)
         try:
-            async with aiohttp.ClientSession() as session:
+            async with LeanSession() as session:
                 client = RetryingClient(session, lambda: [url], "/classify", [b"{}"])
                 return await client.request(0)
         finally:
@@ -141,7 +141,7 @@ def test_open_loop_paces_and_stops():
     async def go():
         runner, url, seen = await _server([200])
         try:
-            async with aiohttp.ClientSession() as session:
+            async with LeanSession() as session:
                 client = RetryingClient(session, lambda: [url], "/classify", [b"{}"])
                 reqs = await open_loop(client, lambda t: 20.0 if t < 0.5 else 100.0, lambda t: t >= 1.0)
         finally:
@@ -377,4 +377,4 @@ def test_the_probe_command_prints_json_and_counts_no_answer_as_lost():
     cmd = [sys.executable, "-m", "bench.chaos_probe", "--url", dead, "--duration", "0.3", "--rate", "10"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout)
     c = out["counts"]
-    assert (c["sent"], c["lost"], out["rate"]) == (3, 3, 10.0) and c["first_failures"] == {"ClientConnectorError": 3}
+    assert (c["sent"], c["lost"], out["rate"]) == (3, 3, 10.0) and c["first_failures"] == {"ConnectionRefusedError": 3}
