@@ -304,7 +304,7 @@ def test_the_overload_stays_under_the_load_clients_ceiling():
     assert chaos.overload_rate(330.0, 3.0, 1000.0) == 990.0
     assert chaos.overload_rate(748.0, 3.0, 1000.0) == 1000.0  # 3x would be 2,244
     assert chaos.overload_rate(748.0, 3.0, 0.0) == 2244.0  # no ceiling
-    assert chaos.parse_args([]).client_ceiling == 1000.0
+    assert chaos.parse_args([]).client_ceiling == 2500.0
     row = {
         "ingress": "proxy",
         "overload": {
