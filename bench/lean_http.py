@@ -1,8 +1,8 @@
 """A lean HTTP/1.1 client for load generators that share the service's cores: POSTs over keep-alive connections,
 each an asyncio protocol whose answers httptools (uvicorn's parser) reads, pooled per host and port.
 
-On the 2 cores of bench/chaos.py's overload the load client ran as much CPU as both replicas (aiohttp), and every
-core-millisecond it takes is one the service under test waits for; this one does a request's HTTP in a fraction of
+On the 2 cores of bench/chaos.py's overload the load client (aiohttp) took more CPU than either replica, and every
+core-millisecond it takes is one the service under test waits for; this one does a request's HTTP in about half of
 that (bench/results/chaos-lean-client.md). No Ray here.
 """
 
