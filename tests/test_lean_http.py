@@ -153,3 +153,14 @@ def test_nobody_listening_and_other_schemes():
                 await s.post("https://127.0.0.1/classify", b"{}")
 
     asyncio.run(go())
+
+
+def test_the_client_cost_benchmark_times_both_clients(capsys):
+    from bench import client_cost
+
+    client_cost.main(["--rate", "200", "--seconds", "0.5", "--rounds", "1"])
+    rows = [
+        line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith(("| aiohttp", "| lean"))
+    ]
+    assert [r[1].strip() for r in rows] == ["aiohttp", "lean_http"]
+    assert all(r[2].strip() == r[3].strip() == "100" and float(r[4]) > 0 for r in rows)  # sent, all answered, CPU
