@@ -436,9 +436,10 @@ def run_scenario(sc: Scenario, cluster: Any, folder: str, args: dict, texts: lis
     plan = Plan(a.rate, a.fault_at, a.settle, a.max_recovery)
     if sc.fault is None:
         one_x = a.sustainable or sustainable_rate(cluster.proxy_url, texts, a.calibrate)
+        wanted = a.overload * one_x
         plan.overload_rate, plan.overload_s = overload_rate(one_x, a.overload, a.client_ceiling), a.duration
         print(f"    sustainable {one_x:.0f} req/s{' (given)' if a.sustainable else ''}", flush=True)
-        if plan.overload_rate < a.overload * one_x:
+        if plan.overload_rate < wanted:
             print(f"    {a.overload:g}x is past the load client's ceiling: {plan.overload_rate:.0f} req/s", flush=True)
     bodies = [json.dumps({"text": t}).encode() for t in texts]
     try:
@@ -447,7 +448,7 @@ def run_scenario(sc: Scenario, cluster: Any, folder: str, args: dict, texts: lis
         left = teardown()
     row.update(left, app_up_s=round(up, 1))
     if sc.fault is None:
-        row["overload"].update(sustainable_rate=one_x, wanted_rate=a.overload * one_x)
+        row["overload"].update(sustainable_rate=one_x, wanted_rate=wanted)
     print("    " + json.dumps({k: row[k] for k in TABLE_KEYS if k in row}), flush=True)
     return row
 

@@ -48,7 +48,6 @@ class _Connection(asyncio.Protocol):
             self.fail(exc)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.closed = True
         self.fail(exc or ConnectionResetError("the server closed the connection before its answer"))
 
     def fail(self, exc: BaseException) -> None:
